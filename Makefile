@@ -1,0 +1,29 @@
+# Quick start: `make demo` and `make test` do all the set-up themselves on a fresh machine.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: torch install deps test-deps demo test bench
+
+# torch first, pinned, and only when none is present: an unpinned torch would pull a CUDA build,
+# and a user's own (CUDA) torch must never be replaced.
+torch:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) "torch==$(TORCH_VERSION)"
+
+deps: torch
+	@$(PIP) -r requirements.txt
+
+test-deps: torch
+	@$(PIP) -r requirements-test.txt
+
+install: torch
+	$(PIP) -e .
+
+demo: deps
+	bash examples/pretrain_m6_tiny.sh
+
+test: test-deps
+	$(PYTHON) -m pytest -q tests
+
+bench: deps
+	$(PYTHON) tools/bench/train_step.py
