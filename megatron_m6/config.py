@@ -1,0 +1,310 @@
+"""All configuration in one place: dataclasses for the model and the run, presets, and the
+Megatron-style command line that fills them.
+
+`parse_args()` turns flags into a `RunConfig`; `validate()` rejects impossible configurations with
+one clear line (`ConfigError`) before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """An impossible or contradictory configuration; its message is one line for the user."""
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of the M6 network (what a checkpoint's config.json records)."""
+
+    vocab_size: int = 21128
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_attention_heads: int = 16
+    ffn_hidden_size: int = 4096
+    max_position_embeddings: int = 512
+    position_embedding_type: str = "learned_absolute"  # or "rope"
+    rotary_base: float = 10000.0
+    layernorm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    untie_embeddings_and_output_weights: bool = False
+    # Image side: a ResNet whose last feature map cells become the image tokens.
+    image_size: int = 224
+    resnet_layers: tuple[int, ...] = (3, 4, 6, 3)  # ResNet-50
+    resnet_bottleneck: bool = True
+    resnet_width: int = 64
+    # Mixture of Experts (num_experts == 0 means dense).
+    num_experts: int = 0
+    moe_layer_freq: int = 1
+    moe_router_topk: int = 2
+    moe_capacity_factor: float | None = None  # None: dropless
+    moe_aux_loss_coeff: float = 1e-2
+    moe_z_loss_coeff: float = 0.0
+    moe_expert_prototypes: int = 1  # k groups, top-1 in each (M6-T); 1 disables
+    moe_ffn_hidden_size: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def image_grid(self) -> int:
+        """Side of the last ResNet feature map: the image is downsampled 32x."""
+        return math.ceil(self.image_size / 32)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.image_grid**2
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """Every `moe_layer_freq`-th layer (1-based: layers freq, 2*freq, ...) is an MoE layer."""
+        return self.num_experts > 0 and layer_number % self.moe_layer_freq == 0
+
+
+@dataclass
+class RunConfig:
+    """Everything `pretrain` needs: the model, the optimisation, the data and the bookkeeping."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preset: str | None = None
+    # Batch and schedule.
+    seq_length: int = 512
+    micro_batch_size: int = 4
+    global_batch_size: int = 4
+    train_iters: int = 100
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    bf16: bool = False
+    seed: int = 1234
+    # Data.
+    data_path: str | None = None
+    mock_data: bool = False
+    task_weights: dict[str, float] = field(default_factory=dict)
+    num_workers: int = 0
+    # Checkpoints and logging.
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    eval_interval: int | None = None
+    eval_iters: int = 10
+    log_interval: int = 10
+    tensorboard_dir: str | None = None
+    device: str = "auto"
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Gradient-accumulation steps (one process; the parallel issue divides by DP)."""
+        return self.global_batch_size // self.micro_batch_size
+
+
+PRESETS: dict[str, dict] = {
+    # CPU demo: a few layers and a small ResNet on 96 px images (3x3 = 9 image tokens).
+    "m6-tiny": dict(
+        model=dict(hidden_size=128, num_layers=4, num_attention_heads=4, ffn_hidden_size=512,
+                   max_position_embeddings=64, image_size=96, resnet_layers=(1, 1, 1, 1),
+                   resnet_bottleneck=False, resnet_width=16),
+        run=dict(seq_length=64, micro_batch_size=16, global_batch_size=32),
+    ),
+    # The paper's base model.
+    "m6-base": dict(
+        model=dict(hidden_size=1024, num_layers=24, num_attention_heads=16, ffn_hidden_size=4096,
+                   max_position_embeddings=512),
+        run=dict(seq_length=512),
+    ),
+    # Dense 10B: 12 * L * h^2 with L=48, h=4096 gives 9.7B in the blocks, plus embeddings and ResNet.
+    "m6-10b": dict(
+        model=dict(hidden_size=4096, num_layers=48, num_attention_heads=32, ffn_hidden_size=16384,
+                   max_position_embeddings=512),
+        run=dict(seq_length=512),
+    ),
+    # MoE 100B: m6-base's trunk with 512 experts in every layer, top-2 routing.
+    "m6-100b": dict(
+        model=dict(hidden_size=1024, num_layers=24, num_attention_heads=16, ffn_hidden_size=4096,
+                   max_position_embeddings=512, num_experts=512, moe_layer_freq=1,
+                   moe_router_topk=2, moe_capacity_factor=1.25),
+        run=dict(seq_length=512),
+    ),
+}
+
+TASK_NAMES = ("text_denoising", "prefix_lm", "captioning", "mm_denoising", "mm_prefix_lm")
+
+
+def _str2bool(x: str) -> bool:
+    return x.lower() in ("1", "true", "yes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain M6 (Megatron-style flags).", allow_abbrev=False)
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    g = p.add_argument_group("model")
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                 "max_position_embeddings", "vocab_size", "image_size", "resnet_width",
+                 "num_experts", "moe_layer_freq", "moe_router_topk", "moe_expert_prototypes",
+                 "moe_ffn_hidden_size"):
+        g.add_argument("--" + name.replace("_", "-"), type=int)
+    for name in ("hidden_dropout", "attention_dropout", "init_method_std", "moe_aux_loss_coeff",
+                 "moe_z_loss_coeff", "rotary_base"):
+        g.add_argument("--" + name.replace("_", "-"), type=float)
+    g.add_argument("--resnet-layers", type=str, help="blocks per stage, e.g. 3,4,6,3")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--moe-capacity-factor", type=float,
+                   help="expert capacity as a multiple of the even share; omit for dropless")
+    g.add_argument("--moe-dropless", action="store_true", default=None,
+                   help="no capacity limit (overrides a preset's capacity factor)")
+    g = p.add_argument_group("training")
+    for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
+                 "lr_warmup_iters", "lr_decay_iters", "seed", "save_interval", "eval_interval",
+                 "eval_iters", "log_interval", "num_workers"):
+        g.add_argument("--" + name.replace("_", "-"), type=int)
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2",
+                 "adam_eps"):
+        g.add_argument("--" + name.replace("_", "-"), type=float)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"])
+    g.add_argument("--bf16", action="store_true", default=None)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g = p.add_argument_group("data and checkpoints")
+    g.add_argument("--data-path", type=str, help="folder made by tools/prepare_sample_data.py")
+    g.add_argument("--mock-data", action="store_true", default=None,
+                   help="synthetic batches of the configured shapes")
+    g.add_argument("--task-weights", type=str,
+                   help="e.g. text_denoising=1,prefix_lm=1,captioning=2 (default: all equal)")
+    g.add_argument("--save", type=str)
+    g.add_argument("--load", type=str)
+    g.add_argument("--tensorboard-dir", type=str)
+    return p
+
+
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model"}
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in TASK_NAMES:
+            raise ConfigError(f"--task-weights: unknown task {name!r}; tasks are {', '.join(TASK_NAMES)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--task-weights: {item!r} is not NAME=NUMBER") from None
+    return weights
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """Preset first, then every flag given explicitly; a flag that contradicts the preset's
+    architecture is an error rather than a silent override."""
+    cfg = RunConfig()
+    given = {k: v for k, v in vars(ns).items() if v is not None and k != "preset"}
+    if ns.preset:
+        preset = PRESETS[ns.preset]
+        for k, v in preset["model"].items():
+            if k in given and k in {"hidden_size", "num_layers", "num_attention_heads",
+                                    "ffn_hidden_size", "num_experts"} and given[k] != v:
+                raise ConfigError(f"--{k.replace('_', '-')} {given[k]} contradicts --preset "
+                                  f"{ns.preset} ({k}={v}); drop one of them")
+            setattr(cfg.model, k, v)
+        for k, v in preset["run"].items():
+            setattr(cfg, k, v)
+        cfg.preset = ns.preset
+    if given.pop("moe_dropless", False):
+        cfg.model.moe_capacity_factor = None
+        given.pop("moe_capacity_factor", None)
+    if "resnet_layers" in given:
+        try:
+            given["resnet_layers"] = tuple(int(x) for x in given["resnet_layers"].split(","))
+        except ValueError:
+            raise ConfigError("--resnet-layers must be integers separated by commas") from None
+    if "task_weights" in given:
+        given["task_weights"] = parse_task_weights(given["task_weights"])
+    for k, v in given.items():
+        if k in MODEL_FIELDS:
+            setattr(cfg.model, k, v)
+        else:
+            setattr(cfg, k, v)
+    if "max_position_embeddings" not in given and not ns.preset:
+        cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, cfg.seq_length)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible configurations with one clear message before any work starts."""
+    m = cfg.model
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} does not divide "
+                          f"--hidden-size {m.hidden_size}")
+    if m.position_embedding_type == "rope" and m.head_dim % 2:
+        raise ConfigError(f"rotary embeddings need an even head dimension, got {m.head_dim}")
+    min_text = 4
+    if cfg.seq_length < m.num_image_tokens + min_text:
+        raise ConfigError(f"--seq-length {cfg.seq_length} is too short for {m.num_image_tokens} "
+                          f"image tokens plus at least {min_text} text tokens")
+    if cfg.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds --max-position-embeddings "
+                          f"{m.max_position_embeddings}")
+    if m.num_experts < 0:
+        raise ConfigError("--num-experts must be >= 0")
+    if m.num_experts:
+        if m.moe_router_topk < 1 or m.moe_router_topk > m.num_experts:
+            raise ConfigError(f"--moe-router-topk {m.moe_router_topk} must be between 1 and "
+                              f"--num-experts {m.num_experts}")
+        if m.moe_expert_prototypes < 1 or m.num_experts % m.moe_expert_prototypes:
+            raise ConfigError(f"--moe-expert-prototypes {m.moe_expert_prototypes} must divide "
+                              f"--num-experts {m.num_experts}")
+        if m.moe_expert_prototypes > 1 and m.moe_router_topk != m.moe_expert_prototypes:
+            raise ConfigError("expert prototyping routes top-1 in each of k groups: set "
+                              "--moe-router-topk equal to --moe-expert-prototypes")
+        if m.moe_layer_freq < 1 or m.moe_layer_freq > m.num_layers:
+            raise ConfigError(f"--moe-layer-freq {m.moe_layer_freq} must be between 1 and "
+                              f"--num-layers {m.num_layers}")
+        if m.moe_capacity_factor is not None and m.moe_capacity_factor <= 0:
+            raise ConfigError("--moe-capacity-factor must be positive (omit it for dropless)")
+    if len(m.resnet_layers) != 4 or min(m.resnet_layers) < 1:
+        raise ConfigError("--resnet-layers needs four positive block counts, e.g. 3,4,6,3")
+    if cfg.micro_batch_size < 1 or cfg.global_batch_size % cfg.micro_batch_size:
+        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
+                          f"--micro-batch-size {cfg.micro_batch_size}")
+    if cfg.train_iters < 1:
+        raise ConfigError("--train-iters must be at least 1")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
+    if not cfg.mock_data:
+        if cfg.data_path is None:
+            raise ConfigError("give --data-path (a folder from tools/prepare_sample_data.py) "
+                              "or --mock-data")
+        if not os.path.isdir(cfg.data_path):
+            raise ConfigError(f"--data-path {cfg.data_path} does not exist")
+    if cfg.task_weights and sum(cfg.task_weights.values()) <= 0:
+        raise ConfigError("--task-weights must have a positive total")
+    if any(w < 0 for w in cfg.task_weights.values()):
+        raise ConfigError("--task-weights must not be negative")
+    if cfg.load is not None and not os.path.isdir(cfg.load):
+        raise ConfigError(f"--load {cfg.load} does not exist")
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    cfg = config_from_args(build_parser().parse_args(argv))
+    validate(cfg)
+    return cfg
