@@ -1,0 +1,188 @@
+"""M6: one transformer over image patches and text tokens (Lin et al., 2021).
+
+A sample is one sequence: [IMG] placeholders (replaced by ResNet patch features when the sample
+has an image), then the source text, then the target text. The prefix (image + source) attends
+bidirectionally, the target causally (see attention.py): a unified encoder-decoder through the
+attention mask. The loss is cross entropy on target tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_m6.config import ModelConfig
+from megatron_m6.model.attention import attention
+from megatron_m6.model.moe import MoEMLP
+from megatron_m6.model.resnet import ResNetFeatures
+
+IMAGE, SOURCE, TARGET = 0, 1, 2  # modality (segment) ids
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to `max_len`."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_attention_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary position embedding of x [B, H, S, D] at integer positions [B, S]."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions[:, None, :, None].float() * freqs
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, positions, prefix_len, valid_len, cache=None, layer=0, start=0):
+        B, S, _ = x.shape
+        H, D = self.cfg.num_attention_heads, self.cfg.head_dim
+        q, k, v = self.qkv(x).view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x [B, H, S, D]
+        if self.cfg.position_embedding_type == "rope":
+            q = rotary(q, positions, self.cfg.rotary_base)
+            k = rotary(k, positions, self.cfg.rotary_base)
+        if cache is not None:
+            cache.k[layer][:, :, start:start + S] = k
+            cache.v[layer][:, :, start:start + S] = v
+            k, v = cache.k[layer][:, :, :start + S], cache.v[layer][:, :, :start + S]
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        out = attention(q, k, v, prefix_len, valid_len, q_start=start, dropout_p=dropout)
+        return self.proj(out.transpose(1, 2).reshape(B, S, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; the MLP is an MoE on MoE layers."""
+
+    def __init__(self, cfg: ModelConfig, layer_number: int):
+        super().__init__()
+        self.layer_number = layer_number
+        self.input_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.attn = SelfAttention(cfg)
+        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer_number) else MLP(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, positions, prefix_len, valid_len, cache=None, start=0):
+        x = x + self.dropout(self.attn(self.input_norm(x), positions, prefix_len, valid_len,
+                                       cache, self.layer_number - 1, start))
+        out = self.mlp(self.mlp_norm(x))
+        out, aux = out if isinstance(out, tuple) else (out, x.new_zeros(()))
+        return x + self.dropout(out), aux
+
+
+class M6(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        # Image tokens: ResNet feature-map cells, projected, plus a learned (row, column) embedding.
+        self.image_encoder = ResNetFeatures(cfg.resnet_layers, cfg.resnet_bottleneck, cfg.resnet_width)
+        self.patch_proj = nn.Linear(self.image_encoder.out_channels, h)
+        self.patch_row_emb = nn.Embedding(cfg.image_grid, h)
+        self.patch_col_emb = nn.Embedding(cfg.image_grid, h)
+        # Text tokens, positions and the modality (segment) embedding.
+        self.word_emb = nn.Embedding(cfg.vocab_size, h)
+        if cfg.position_embedding_type == "learned_absolute":
+            self.pos_emb = nn.Embedding(cfg.max_position_embeddings, h)
+        self.modality_emb = nn.Embedding(3, h)
+        self.emb_dropout = nn.Dropout(cfg.hidden_dropout)
+        # Keyed by global layer number so names stay stable when layers are split across ranks.
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i + 1) for i in range(cfg.num_layers)})
+        self.final_norm = nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
+        if cfg.untie_embeddings_and_output_weights:
+            self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, std) for linear and embedding weights, residual output projections
+        scaled by 1/sqrt(2 * layers); the ResNet keeps its own (Kaiming) initialisation."""
+        std = self.cfg.init_method_std
+        for name, module in self.named_modules():
+            if name.startswith("image_encoder"):
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for layer in self.layers.values():
+            nn.init.normal_(layer.attn.proj.weight, 0.0, out_std)
+            if isinstance(layer.mlp, MoEMLP):
+                nn.init.normal_(layer.mlp.experts.w1, 0.0, std)
+                nn.init.normal_(layer.mlp.experts.w2, 0.0, out_std)
+            else:
+                nn.init.normal_(layer.mlp.fc2.weight, 0.0, out_std)
+
+    def embed(self, tokens, images, has_image, prefix_len, start=0):
+        """Token, position and modality embeddings; image placeholders get patch features."""
+        B, S = tokens.shape
+        P = self.cfg.num_image_tokens
+        seq = torch.arange(start, start + S, device=tokens.device).expand(B, S)
+        n_img = has_image.long()[:, None] * P
+        is_image = seq < n_img
+        positions = (seq - n_img).clamp(min=0)  # text positions start after the image
+        modality = torch.where(is_image, IMAGE, torch.where(seq < prefix_len[:, None], SOURCE, TARGET))
+        x = self.word_emb(tokens) + self.modality_emb(modality)
+        if self.cfg.position_embedding_type == "learned_absolute":
+            x = x + self.pos_emb(positions) * (~is_image)[..., None]
+        if images is not None and start == 0 and bool(has_image.any()):
+            patches = self.image_tokens(images[has_image])[:, :S]
+            x = x.masked_scatter(is_image[..., None], patches.to(x.dtype))
+        return self.emb_dropout(x), positions
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] images -> [N, P, hidden] patch embeddings in raster order."""
+        feats = self.image_encoder(images)  # [N, C, g, g]
+        g = feats.shape[-1]
+        feats = self.patch_proj(feats.flatten(2).transpose(1, 2))  # [N, g*g, h]
+        grid = torch.arange(g, device=feats.device)
+        pos = self.patch_row_emb(grid)[:, None] + self.patch_col_emb(grid)[None, :]
+        return feats + pos.reshape(g * g, -1)
+
+    def forward(self, tokens: torch.Tensor, prefix_len: torch.Tensor, valid_len: torch.Tensor,
+                images: torch.Tensor | None = None, has_image: torch.Tensor | None = None,
+                cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, S, vocab] and the summed MoE auxiliary loss.
+
+        With a KV cache, `tokens` are the positions start..start+S-1 of the sequence.
+        """
+        if has_image is None:
+            has_image = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        x, positions = self.embed(tokens, images, has_image, prefix_len, start)
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers.values():
+            x, aux = layer(x, positions, prefix_len, valid_len, cache, start)
+            aux_total = aux_total + aux
+        x = self.final_norm(x)
+        head = self.lm_head.weight if self.cfg.untie_embeddings_and_output_weights else self.word_emb.weight
+        return F.linear(x, head), aux_total
+
+
+def target_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed cross entropy over target positions (divide by the global target count)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return (ce * loss_mask.flatten()).sum()
