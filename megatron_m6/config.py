@@ -104,6 +104,7 @@ class RunConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
+    exit_interval: int | None = None  # save and stop when the iteration is a multiple of this
     eval_interval: int | None = None
     eval_iters: int = 10
     log_interval: int = 10
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no capacity limit (overrides a preset's capacity factor)")
     g = p.add_argument_group("training")
     for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
-                 "lr_warmup_iters", "lr_decay_iters", "seed", "save_interval", "eval_interval",
+                 "lr_warmup_iters", "lr_decay_iters", "seed", "save_interval", "exit_interval", "eval_interval",
                  "eval_iters", "log_interval", "num_workers"):
         g.add_argument("--" + name.replace("_", "-"), type=int)
     for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2",
@@ -257,10 +258,12 @@ def validate(cfg: RunConfig) -> None:
                           f"--hidden-size {m.hidden_size}")
     if m.position_embedding_type == "rope" and m.head_dim % 2:
         raise ConfigError(f"rotary embeddings need an even head dimension, got {m.head_dim}")
-    min_text = 4
-    if cfg.seq_length < m.num_image_tokens + min_text:
-        raise ConfigError(f"--seq-length {cfg.seq_length} is too short for {m.num_image_tokens} "
-                          f"image tokens plus at least {min_text} text tokens")
+    from megatron_m6.data.tasks import min_seq_length  # here: tasks imports this module
+    for task in TASK_NAMES:
+        need = min_seq_length(task, m.num_image_tokens)
+        if cfg.task_weights.get(task, 1.0 if not cfg.task_weights else 0.0) > 0 and cfg.seq_length < need:
+            raise ConfigError(f"--seq-length {cfg.seq_length} is too short for {task}: it needs "
+                              f"{need} ({m.num_image_tokens} image tokens, special tokens and text)")
     if cfg.seq_length > m.max_position_embeddings:
         raise ConfigError(f"--seq-length {cfg.seq_length} exceeds --max-position-embeddings "
                           f"{m.max_position_embeddings}")

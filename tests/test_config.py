@@ -9,7 +9,7 @@ from megatron_m6.model_size import model_size
 
 @pytest.mark.parametrize("argv, message", [
     (["--mock-data", "--hidden-size", "100", "--num-attention-heads", "3"], "does not divide"),
-    (["--mock-data", "--preset", "m6-tiny", "--seq-length", "10"], "too short for 9 image tokens"),
+    (["--mock-data", "--preset", "m6-tiny", "--seq-length", "10"], "too short for captioning: it needs 13"),
     (["--mock-data", "--num-experts", "4", "--moe-router-topk", "5"], "must be between 1 and"),
     (["--mock-data", "--preset", "m6-base", "--hidden-size", "512"], "contradicts --preset m6-base"),
     (["--data-path", "/no/such/folder"], "does not exist"),

@@ -1,0 +1,218 @@
+"""Procedural sample data, small enough that a tiny M6 learns it on a 2-core CPU in minutes.
+
+Images are a few identical coloured shapes drawn in one cell of a 3x3 grid, captioned in Chinese
+("左上角有两个红色的圆形"), so captioning is learnable but needs the image. The text corpus is
+original Chinese sentences on everyday topics plus templated sentences using the same words.
+Everything is deterministic from a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from megatron_m6.tokenizer import build_vocab
+
+CELL_NAMES = ["左上角", "上方", "右上角", "左侧", "中间", "右侧", "左下角", "下方", "右下角"]
+COLOURS = {"红色": (220, 40, 40), "绿色": (40, 170, 60), "蓝色": (40, 70, 220), "黄色": (235, 200, 30)}
+SHAPES = ["圆形", "正方形", "三角形"]
+COUNT_WORDS = ["一", "两", "三"]  # 1, 2, 3 ("两个", not "二个")
+COLOUR_JITTER = 20  # per channel, so pixels stay within 20 of the named colour
+
+PARAGRAPHS = [
+    # Weather and seasons.
+    "今天早上下了一场小雨。空气变得很清新。路边的树叶上还挂着水珠。",
+    "夏天的午后常常很热。太阳照在地上，人们都躲在树荫下。傍晚起了风，才凉快一些。",
+    "冬天北方会下雪。孩子们在院子里堆雪人。大人们忙着扫门前的雪。",
+    "天气预报说明天有大风。出门的时候最好多穿一件外套。",
+    "春天来了，公园里的花都开了。很多人带着相机去拍照。",
+    "秋天的天空又高又蓝。田里的庄稼慢慢变黄了。农民们开始准备收割。",
+    # Cities.
+    "这座城市靠近大海。每天清晨都有渔船出海。港口边的市场非常热闹。",
+    "北京是一座历史悠久的城市。城里有许多古老的建筑。游客们喜欢在胡同里散步。",
+    "上海的夜晚灯火通明。江边的高楼在夜色中闪闪发光。",
+    "小城的生活节奏比较慢。人们下班后常去河边散步。街角的小店开到很晚。",
+    "地铁让出行变得方便。早高峰的时候车厢里人很多。大家都安静地看着手机。",
+    "这条老街上有一家书店。书店的老板是一位和气的老人。他总是推荐好看的书。",
+    # Food.
+    "妈妈做的饺子最好吃。饺子的馅里有白菜和猪肉。过年的时候全家人一起包饺子。",
+    "早餐我喜欢喝一碗热粥。再配上一个鸡蛋和一点小菜。",
+    "南方人爱吃米饭，北方人爱吃面食。不过现在大家的口味越来越接近了。",
+    "这家餐馆的面条很有名。每到中午门口就排起长队。",
+    "水果店里有苹果、香蕉和西瓜。夏天的西瓜又甜又多汁。",
+    "做菜的时候要注意火候。火太大菜容易糊，火太小又不够香。",
+    # Science.
+    "地球绕着太阳转动。转一圈大约需要一年。月亮则绕着地球转动。",
+    "水在零度会结成冰。加热到一百度就会沸腾。这是生活中常见的物理现象。",
+    "植物通过光合作用制造养分。它们需要阳光、水和空气。",
+    "计算机用二进制表示数据。每一位只有零和一两种状态。",
+    "人工智能可以识别图片中的物体。它先从大量的例子中学习规律。",
+    "声音在空气中传播得比光慢。所以打雷时我们先看到闪电，后听到雷声。",
+    # Learning.
+    "学习一门语言需要耐心。每天读一点，写一点，慢慢就会进步。",
+    "图书馆是安静的地方。很多学生在这里复习功课。",
+    "老师说做题之前要先读懂题目。遇到不会的地方可以多问几个为什么。",
+    "他每天晚上都会写日记。日记里记录着一天中有趣的事情。",
+    "学画画要先学会观察。看清楚物体的形状和颜色，再动笔去画。",
+    "数学课上我们学习了三角形和圆形。正方形的四条边一样长。",
+    # Daily life.
+    "周末我们一家人去爬山。山顶的风景非常美丽。下山的时候大家都累了，但是很开心。",
+    "小猫喜欢在阳光下睡觉。它醒来以后会伸一个长长的懒腰。",
+    "朋友送给我一盆绿色的植物。我把它放在窗台上，每周浇一次水。",
+    "火车站里人来人往。有人在等车，有人在和家人告别。",
+    "晚饭后，爷爷喜欢下象棋。他常常一边下棋一边讲以前的故事。",
+    "这个周末我打算整理房间。把不用的东西送给需要的人。",
+]
+CITIES = ["北京", "上海", "广州", "杭州", "成都", "西安", "南京", "武汉"]
+FOODS = ["面条", "饺子", "包子", "米饭", "馄饨"]
+WEATHER = ["晴", "多云", "小雨", "大风"]
+SUBJECTS = ["Python", "English", "AI", "C++"]
+
+
+def _fact_sentence(rng: random.Random) -> str:
+    """A templated sentence with numbers or a little Latin text."""
+    templates = [
+        lambda: f"我每天花{rng.randint(10, 90)}分钟学习{rng.choice(SUBJECTS)}。",
+        lambda: f"{rng.choice(CITIES)}今天的气温是{rng.randint(-5, 35)}度。",
+        lambda: f"这本书一共有{rng.randint(100, 400)}页，我已经读了{rng.randint(1, 99)}页。",
+        lambda: f"他在{rng.randint(1990, 2024)}年第一次去了{rng.choice(CITIES)}。",
+        lambda: f"这家店的{rng.choice(FOODS)}卖{rng.randint(5, 30)}元一份。",
+        lambda: f"今天是{rng.randint(1, 12)}月{rng.randint(1, 28)}日，天气{rng.choice(WEATHER)}。",
+        lambda: "M6是一个中文多模态预训练模型，它可以同时理解图片和文字。",
+        lambda: "我们用GPU训练模型，用CPU做测试。",
+    ]
+    return rng.choice(templates)()
+
+
+def _shape_sentence(rng: random.Random) -> str:
+    """A templated sentence with the caption vocabulary, so text and captions share words."""
+    pos, col, shape = rng.choice(CELL_NAMES), rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    col2, shape2 = rng.choice([c for c in COLOURS if c != col]), rng.choice([s for s in SHAPES if s != shape])
+    templates = [
+        f"{pos}有{rng.choice(COUNT_WORDS)}个{col}的{shape}。",
+        f"图片的{pos}画着{col}的{shape}。",
+        f"这个{shape}是{col}的。",
+        f"{col}和{col2}是两种不同的颜色。",
+        f"{shape}和{shape2}的形状不一样。",
+        f"一共有{rng.choice(COUNT_WORDS)}个{shape}，它们都在{pos}。",
+    ]
+    return rng.choice(templates)
+
+
+def make_text_corpus(num_docs: int, seed: int) -> list[str]:
+    """num_docs short documents: runs of a hand-written paragraph, or 2-4 templated sentences."""
+    rng = random.Random(f"{seed}:text")
+    docs = []
+    for _ in range(num_docs):
+        kind = rng.random()
+        if kind < 0.5:
+            sentences = [s + "。" for s in rng.choice(PARAGRAPHS).split("。") if s]
+            start = rng.randrange(len(sentences) - 1) if len(sentences) > 2 else 0
+            docs.append("".join(sentences[start:]))
+        else:
+            make = _fact_sentence if kind < 0.7 else _shape_sentence
+            docs.append("".join(make(rng) for _ in range(rng.randint(2, 4))))
+    return docs
+
+
+def _place(rng: random.Random, count: int, size: int, cell: tuple[int, int, int, int],
+           gap: int = 2) -> list[tuple[int, int]] | None:
+    """Top-left corners of count size x size boxes inside cell, at least gap pixels apart."""
+    x0, y0, x1, y1 = cell
+    for _ in range(50):
+        boxes: list[tuple[int, int]] = []
+        for _ in range(count):
+            x, y = rng.randint(x0 + 1, x1 - 1 - size), rng.randint(y0 + 1, y1 - 1 - size)
+            if all(abs(x - bx) >= size + gap or abs(y - by) >= size + gap for bx, by in boxes):
+                boxes.append((x, y))
+        if len(boxes) == count:
+            return boxes
+    return None
+
+
+def cell_box(index: int, image_size: int) -> tuple[int, int, int, int]:
+    """Pixel bounds (x0, y0, x1, y1), end exclusive, of grid cell index (row-major)."""
+    row, col = divmod(index, 3)
+    return (col * image_size // 3, row * image_size // 3,
+            (col + 1) * image_size // 3, (row + 1) * image_size // 3)
+
+
+def draw_scene(rng: random.Random | np.random.Generator, image_size: int) -> tuple[Image.Image, str]:
+    """One captioned image: 1-3 identical shapes of one colour, all inside one grid cell."""
+    if image_size < 48:
+        raise ValueError(f"image_size must be at least 48, got {image_size}")
+    if isinstance(rng, np.random.Generator):
+        rng = random.Random(int(rng.integers(2**63)))
+    cell_index, count = rng.randrange(9), rng.randint(1, 3)
+    colour_name, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    colour = tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER)))
+                   for c in COLOURS[colour_name])
+    cell = cell_box(cell_index, image_size)
+    for size in range(rng.randint(image_size // 10, image_size // 7), 2, -1):
+        if corners := _place(rng, count, size, cell):  # else shrink: three may not fit
+            break
+    else:
+        raise RuntimeError(f"cannot place {count} shapes in a {image_size} px image")
+    img = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for x, y in corners:
+        box = (x, y, x + size - 1, y + size - 1)
+        if shape == "圆形":
+            draw.ellipse(box, fill=colour)
+        elif shape == "正方形":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(x, y + size - 1), (x + size - 1, y + size - 1), (x + (size - 1) / 2, y)],
+                         fill=colour)
+    caption = f"{CELL_NAMES[cell_index]}有{COUNT_WORDS[count - 1]}个{colour_name}的{shape}"
+    return img, caption
+
+
+def _tmp_name(path: str) -> str:
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    tmp = _tmp_name(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _write_images(out_dir: str, split: str, n: int, image_size: int, seed: int) -> list[dict]:
+    rng = random.Random(f"{seed}:{split}")
+    rows = []
+    for i in range(n):
+        img, caption = draw_scene(rng, image_size)
+        rel = f"images/{split}_{i:05d}.png"
+        path = os.path.join(out_dir, rel)
+        img.save(_tmp_name(path), format="PNG")
+        os.replace(_tmp_name(path), path)
+        rows.append({"image": rel, "text": caption})
+    return rows
+
+
+def make_sample_data(out_dir: str, num_train_images: int = 2000, num_test_images: int = 100,
+                     num_text_docs: int = 1000, image_size: int = 96, seed: int = 0,
+                     vocab_size: int = 4000) -> dict:
+    """Write the sample data set to out_dir and return its counts.
+
+    Layout: images/{train,test}_NNNNN.png, captions_{train,test}.jsonl ({"image", "text"}, paths
+    relative to out_dir), text.jsonl ({"text"}) and vocab.txt. Every file is written under a
+    temporary name and renamed, and vocab.txt comes last, so its presence means a complete set.
+    """
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    train = _write_images(out_dir, "train", num_train_images, image_size, seed)
+    test = _write_images(out_dir, "test", num_test_images, image_size, seed)
+    docs = make_text_corpus(num_text_docs, seed)
+    _write_jsonl(os.path.join(out_dir, "captions_train.jsonl"), train)
+    _write_jsonl(os.path.join(out_dir, "captions_test.jsonl"), test)
+    _write_jsonl(os.path.join(out_dir, "text.jsonl"), [{"text": d} for d in docs])
+    tok = build_vocab(docs + [r["text"] for r in train + test], os.path.join(out_dir, "vocab.txt"),
+                      vocab_size=vocab_size)
+    return {"out_dir": out_dir, "train_images": len(train), "test_images": len(test),
+            "text_docs": len(docs), "vocab_size": tok.vocab_size}
