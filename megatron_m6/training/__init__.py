@@ -1,0 +1,1 @@
+"""Training: optimiser and LR schedule, checkpoints, and the loop."""

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from megatron_m6.config import parse_args
+from megatron_m6.pretrain import run
+from megatron_m6.training.checkpoint import CheckpointError, load_checkpoint
+from megatron_m6.training.trainer import TrainingError
+
+TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--ffn-hidden-size", "64", "--vocab-size", "128", "--seq-length", "24", "--image-size", "64",
+        "--resnet-layers", "1,1,1,1", "--resnet-width", "8", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
+        "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+
+
+def quiet_run(argv, lines=None):
+    cfg = parse_args(TINY + argv)
+    cfg.model.resnet_bottleneck = False
+    return run(cfg, log=(lines.append if lines is not None else lambda s: None))
+
+
+@pytest.mark.parametrize("moe", [[], ["--num-experts", "4", "--moe-router-topk", "2"]])
+def test_resume_equals_a_run_that_never_stopped(tmp_path, moe):
+    straight = quiet_run(["--train-iters", "6"] + moe).history
+    quiet_run(["--train-iters", "6", "--save", str(tmp_path), "--exit-interval", "3"] + moe)
+    resumed = quiet_run(["--train-iters", "6", "--load", str(tmp_path)] + moe).history
+    assert len(straight) == 6 and len(resumed) == 3
+    assert resumed == straight[3:]  # bit for bit in fp32 on CPU
+
+
+def test_log_line_has_every_field_and_loss_falls():
+    lines = []
+    trainer = quiet_run(["--train-iters", "30", "--log-interval", "10", "--lr", "3e-3"], lines)
+    logs = [l for l in lines if l.startswith("iteration")]
+    assert len(logs) == 3
+    for field in ("loss", "lr", "grad norm", "tokens/s", "samples/s"):
+        assert field in logs[0]
+    assert sum(trainer.history[-5:]) < sum(trainer.history[:5])
+
+
+def test_moe_aux_loss_is_logged(tmp_path):
+    lines = []
+    quiet_run(["--train-iters", "2", "--num-experts", "4", "--tensorboard-dir", str(tmp_path)], lines)
+    assert any("moe aux" in l for l in lines)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("loss/total", "lr", "grad_norm", "moe_aux_loss", "throughput/tokens_per_s"):
+        assert tag in tags
+
+
+def test_nan_loss_stops_with_the_iteration(monkeypatch):
+    from megatron_m6.training import trainer as trainer_mod
+    real = trainer_mod.target_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, labels, mask):
+        calls["n"] += 1
+        out = real(logits, labels, mask)
+        return out * math.nan if calls["n"] > 4 else out  # 2 micro-batches per iteration
+
+    monkeypatch.setattr(trainer_mod, "target_loss", poisoned)
+    with pytest.raises(TrainingError, match="at iteration 3"):
+        quiet_run(["--train-iters", "5"])
+
+
+def test_checkpoint_holds_everything_needed_to_resume(tmp_path):
+    quiet_run(["--train-iters", "2", "--save", str(tmp_path)])
+    state = load_checkpoint(str(tmp_path))
+    for key in ("model", "optimizer", "scheduler", "rng", "iteration", "consumed_samples", "args"):
+        assert key in state
+    assert state["iteration"] == 2 and state["consumed_samples"] == 8
+
+
+def test_missing_or_corrupt_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="latest_checkpointed_iteration.txt is missing"):
+        load_checkpoint(str(tmp_path))
+    quiet_run(["--train-iters", "1", "--save", str(tmp_path)])
+    (tmp_path / "iter_0000001" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_loading_into_a_different_model_is_refused(tmp_path):
+    quiet_run(["--train-iters", "1", "--save", str(tmp_path)])
+    cfg = parse_args(TINY + ["--train-iters", "2", "--load", str(tmp_path)])
+    cfg.model.resnet_bottleneck = False
+    cfg.model.num_layers = 3
+    with pytest.raises(CheckpointError, match="num_layers"):
+        run(cfg, log=lambda s: None)
