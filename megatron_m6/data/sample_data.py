@@ -70,20 +70,20 @@ PARAGRAPHS = [
 CITIES = ["北京", "上海", "广州", "杭州", "成都", "西安", "南京", "武汉"]
 FOODS = ["面条", "饺子", "包子", "米饭", "馄饨"]
 WEATHER = ["晴", "多云", "小雨", "大风"]
-SUBJECTS = ["Python", "English", "AI", "C++"]
+SUBJECTS = ["Python", "English", "AI", "Linux"]
 
 
 def _fact_sentence(rng: random.Random) -> str:
-    """A templated sentence with numbers or a little Latin text."""
+    """A templated sentence with numbers or a little Latin text (spaced as M6Tokenizer decodes)."""
     templates = [
-        lambda: f"我每天花{rng.randint(10, 90)}分钟学习{rng.choice(SUBJECTS)}。",
-        lambda: f"{rng.choice(CITIES)}今天的气温是{rng.randint(-5, 35)}度。",
+        lambda: f"我每天花{rng.randint(10, 90)}分钟学习 {rng.choice(SUBJECTS)}。",
+        lambda: f"{rng.choice(CITIES)}今天的气温是{rng.randint(0, 35)}度。",
         lambda: f"这本书一共有{rng.randint(100, 400)}页，我已经读了{rng.randint(1, 99)}页。",
         lambda: f"他在{rng.randint(1990, 2024)}年第一次去了{rng.choice(CITIES)}。",
         lambda: f"这家店的{rng.choice(FOODS)}卖{rng.randint(5, 30)}元一份。",
         lambda: f"今天是{rng.randint(1, 12)}月{rng.randint(1, 28)}日，天气{rng.choice(WEATHER)}。",
         lambda: "M6是一个中文多模态预训练模型，它可以同时理解图片和文字。",
-        lambda: "我们用GPU训练模型，用CPU做测试。",
+        lambda: "我们用 GPU 训练模型，用 CPU 做测试。",
     ]
     return rng.choice(templates)()
 
@@ -142,7 +142,8 @@ def cell_box(index: int, image_size: int) -> tuple[int, int, int, int]:
 
 
 def draw_scene(rng: random.Random | np.random.Generator, image_size: int) -> tuple[Image.Image, str]:
-    """One captioned image: 1-3 identical shapes of one colour, all inside one grid cell."""
+    """One captioned image: 1-3 identical shapes of one colour, all inside one grid cell.
+    A numpy Generator only seeds a random.Random, so both kinds of rng draw the same way."""
     if image_size < 48:
         raise ValueError(f"image_size must be at least 48, got {image_size}")
     if isinstance(rng, np.random.Generator):
