@@ -122,7 +122,7 @@ PRESETS: dict[str, dict] = {
     "m6-tiny": dict(
         model=dict(hidden_size=128, num_layers=4, num_attention_heads=4, ffn_hidden_size=512,
                    max_position_embeddings=64, image_size=96, resnet_layers=(1, 1, 1, 1),
-                   resnet_bottleneck=False, resnet_width=16),
+                   resnet_bottleneck=False, resnet_width=32),
         run=dict(seq_length=64, micro_batch_size=16, global_batch_size=32),
     ),
     # The paper's base model.

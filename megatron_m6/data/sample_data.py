@@ -153,7 +153,7 @@ def draw_scene(rng: random.Random | np.random.Generator, image_size: int) -> tup
     colour = tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER)))
                    for c in COLOURS[colour_name])
     cell = cell_box(cell_index, image_size)
-    for size in range(rng.randint(image_size // 10, image_size // 7), 2, -1):
+    for size in range(rng.randint(image_size // 7, image_size // 5), 2, -1):
         if corners := _place(rng, count, size, cell):  # else shrink: three may not fit
             break
     else:
