@@ -29,7 +29,7 @@ def test_forward_backward_reaches_every_parameter(overrides):
     assert torch.isfinite(loss)
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     if cfg.position_embedding_type == "rope":
-        assert not hasattr(model, "pos_emb")
+        assert not hasattr(model.embedding, "pos_emb")
     assert no_grad == [], no_grad
 
 
@@ -71,9 +71,9 @@ def test_image_placeholders_carry_the_image():
 
 def test_tied_head_shares_the_embedding():
     model = M6(tiny_config())
-    assert not hasattr(model, "lm_head")
+    assert model.lm_head.weight is model.embedding.word_emb.weight
     untied = M6(tiny_config(untie_embeddings_and_output_weights=True))
-    assert untied.lm_head.weight.data_ptr() != untied.word_emb.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.embedding.word_emb.weight.data_ptr()
 
 
 def test_tiny_model_overfits_one_batch():

@@ -54,15 +54,15 @@ def test_moe_aux_loss_is_logged(tmp_path):
 
 def test_nan_loss_stops_with_the_iteration(monkeypatch):
     from megatron_m6.training import trainer as trainer_mod
-    real = trainer_mod.target_loss
+    real = trainer_mod.token_losses
     calls = {"n": 0}
 
-    def poisoned(logits, labels, mask):
+    def poisoned(logits, labels):
         calls["n"] += 1
-        out = real(logits, labels, mask)
+        out = real(logits, labels)
         return out * math.nan if calls["n"] > 4 else out  # 2 micro-batches per iteration
 
-    monkeypatch.setattr(trainer_mod, "target_loss", poisoned)
+    monkeypatch.setattr(trainer_mod, "token_losses", poisoned)
     with pytest.raises(TrainingError, match="at iteration 3"):
         quiet_run(["--train-iters", "5"])
 

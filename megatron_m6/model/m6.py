@@ -50,8 +50,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, positions, prefix_len, valid_len, cache=None, layer=0, start=0):
         B, S, _ = x.shape
-        H, D = self.cfg.num_attention_heads, self.cfg.head_dim
-        q, k, v = self.qkv(x).view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x [B, H, S, D]
+        # Heads-major [.., heads, 3, head_dim] layout: splitting qkv's output features over
+        # tensor-parallel ranks gives each rank whole heads, so "-1 heads" is the local count.
+        q, k, v = self.qkv(x).view(B, S, -1, 3, self.cfg.head_dim).permute(3, 0, 2, 1, 4)
         if self.cfg.position_embedding_type == "rope":
             q = rotary(q, positions, self.cfg.rotary_base)
             k = rotary(k, positions, self.cfg.rotary_base)
@@ -61,7 +62,7 @@ class SelfAttention(nn.Module):
             k, v = cache.k[layer][:, :, :start + S], cache.v[layer][:, :, :start + S]
         dropout = self.cfg.attention_dropout if self.training else 0.0
         out = attention(q, k, v, prefix_len, valid_len, q_start=start, dropout_p=dropout)
-        return self.proj(out.transpose(1, 2).reshape(B, S, H * D))
+        return self.proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class MLP(nn.Module):
@@ -94,7 +95,10 @@ class Block(nn.Module):
         return x + self.dropout(out), aux
 
 
-class M6(nn.Module):
+class Embedding(nn.Module):
+    """Everything before the first block: image patch tokens, text token, position and modality
+    embeddings. Returns the input sequence and the text positions (for rotary embeddings)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -109,20 +113,54 @@ class M6(nn.Module):
         if cfg.position_embedding_type == "learned_absolute":
             self.pos_emb = nn.Embedding(cfg.max_position_embeddings, h)
         self.modality_emb = nn.Embedding(3, h)
-        self.emb_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, tokens, images, has_image, prefix_len, start=0):
+        """Image placeholders (the first P tokens of image samples) get the patch features."""
+        B, S = tokens.shape
+        P = self.cfg.num_image_tokens
+        seq = torch.arange(start, start + S, device=tokens.device).expand(B, S)
+        n_img = has_image.long()[:, None] * P
+        is_image = seq < n_img
+        positions = (seq - n_img).clamp(min=0)  # text positions start after the image
+        modality = torch.where(is_image, IMAGE, torch.where(seq < prefix_len[:, None], SOURCE, TARGET))
+        x = self.word_emb(tokens) + self.modality_emb(modality)
+        if self.cfg.position_embedding_type == "learned_absolute":
+            x = x + self.pos_emb(positions) * (~is_image)[..., None]
+        if images is not None and start == 0 and bool(has_image.any()):
+            patches = self.image_tokens(images[has_image])[:, :S]
+            x = x.masked_scatter(is_image[..., None], patches.to(x.dtype))
+        return self.dropout(x), positions
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] images -> [N, P, hidden] patch embeddings in raster order."""
+        feats = self.image_encoder(images)  # [N, C, g, g]
+        g = feats.shape[-1]
+        feats = self.patch_proj(feats.flatten(2).transpose(1, 2))  # [N, g*g, h]
+        grid = torch.arange(g, device=feats.device)
+        pos = self.patch_row_emb(grid)[:, None] + self.patch_col_emb(grid)[None, :]
+        return feats + pos.reshape(g * g, -1)
+
+
+class M6(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = Embedding(cfg)
         # Keyed by global layer number so names stay stable when layers are split across ranks.
         self.layers = nn.ModuleDict({str(i): Block(cfg, i + 1) for i in range(cfg.num_layers)})
-        self.final_norm = nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
-        if cfg.untie_embeddings_and_output_weights:
-            self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
+        if not cfg.untie_embeddings_and_output_weights:
+            self.lm_head.weight = self.embedding.word_emb.weight
 
     def reset_parameters(self) -> None:
         """GPT-2 style: N(0, std) for linear and embedding weights, residual output projections
         scaled by 1/sqrt(2 * layers); the ResNet keeps its own (Kaiming) initialisation."""
         std = self.cfg.init_method_std
         for name, module in self.named_modules():
-            if name.startswith("image_encoder"):
+            if name.startswith("embedding.image_encoder"):
                 continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, std)
@@ -137,32 +175,6 @@ class M6(nn.Module):
             else:
                 nn.init.normal_(layer.mlp.fc2.weight, 0.0, out_std)
 
-    def embed(self, tokens, images, has_image, prefix_len, start=0):
-        """Token, position and modality embeddings; image placeholders get patch features."""
-        B, S = tokens.shape
-        P = self.cfg.num_image_tokens
-        seq = torch.arange(start, start + S, device=tokens.device).expand(B, S)
-        n_img = has_image.long()[:, None] * P
-        is_image = seq < n_img
-        positions = (seq - n_img).clamp(min=0)  # text positions start after the image
-        modality = torch.where(is_image, IMAGE, torch.where(seq < prefix_len[:, None], SOURCE, TARGET))
-        x = self.word_emb(tokens) + self.modality_emb(modality)
-        if self.cfg.position_embedding_type == "learned_absolute":
-            x = x + self.pos_emb(positions) * (~is_image)[..., None]
-        if images is not None and start == 0 and bool(has_image.any()):
-            patches = self.image_tokens(images[has_image])[:, :S]
-            x = x.masked_scatter(is_image[..., None], patches.to(x.dtype))
-        return self.emb_dropout(x), positions
-
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] images -> [N, P, hidden] patch embeddings in raster order."""
-        feats = self.image_encoder(images)  # [N, C, g, g]
-        g = feats.shape[-1]
-        feats = self.patch_proj(feats.flatten(2).transpose(1, 2))  # [N, g*g, h]
-        grid = torch.arange(g, device=feats.device)
-        pos = self.patch_row_emb(grid)[:, None] + self.patch_col_emb(grid)[None, :]
-        return feats + pos.reshape(g * g, -1)
-
     def forward(self, tokens: torch.Tensor, prefix_len: torch.Tensor, valid_len: torch.Tensor,
                 images: torch.Tensor | None = None, has_image: torch.Tensor | None = None,
                 cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,17 +184,22 @@ class M6(nn.Module):
         """
         if has_image is None:
             has_image = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        x, positions = self.embed(tokens, images, has_image, prefix_len, start)
-        aux_total = x.new_zeros((), dtype=torch.float32)
+        x, positions = self.embedding(tokens, images, has_image, prefix_len, start)
+        aux_total = torch.zeros((), dtype=torch.float32, device=tokens.device)
         for layer in self.layers.values():
             x, aux = layer(x, positions, prefix_len, valid_len, cache, start)
             aux_total = aux_total + aux
-        x = self.final_norm(x)
-        head = self.lm_head.weight if self.cfg.untie_embeddings_and_output_weights else self.word_emb.weight
-        return F.linear(x, head), aux_total
+        return self.lm_head(self.final_norm(x)), aux_total
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy per position [B, S], in fp32 (vocab-parallel logits under loss_parallel)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    if hasattr(ce, "full_tensor"):  # a DTensor from vocab-parallel cross entropy
+        ce = ce.full_tensor()
+    return ce.view(labels.shape)
 
 
 def target_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Summed cross entropy over target positions (divide by the global target count)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (ce * loss_mask.flatten()).sum()
+    return (token_losses(logits, labels) * loss_mask).sum()

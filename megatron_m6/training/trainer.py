@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from megatron_m6.config import TASK_NAMES, RunConfig
-from megatron_m6.model import target_loss
+from megatron_m6.model import token_losses
 from megatron_m6.training import checkpoint as ckpt
 from megatron_m6.training.schedule import learning_rate
 
@@ -46,11 +46,9 @@ class StepStats:
     start: float = field(default_factory=time.perf_counter)
 
 
-def per_task_loss(logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed target loss and target-token count per task, for logging."""
-    ce = nn.functional.cross_entropy(logits.detach().float().flatten(0, 1),
-                                     batch["labels"].flatten(), reduction="none").view(batch["labels"].shape)
-    per_sample = (ce * batch["loss_mask"]).sum(1).double().cpu()
+def per_task_loss(ce: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed target loss and target-token count per task, for logging (ce: per position)."""
+    per_sample = (ce.detach() * batch["loss_mask"]).sum(1).double().cpu()
     count = batch["loss_mask"].sum(1).double().cpu()
     task = batch["task_id"].cpu()
     n = len(TASK_NAMES)
@@ -80,10 +78,12 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def forward_loss(self, batch: dict):
+        """(cross entropy per position, summed target loss, MoE aux loss) of one micro-batch."""
         with self._autocast():
             logits, aux = self.model(batch["tokens"], batch["prefix_len"], batch["valid_len"],
                                      batch["images"], batch["has_image"])
-        return logits, target_loss(logits, batch["labels"], batch["loss_mask"]), aux
+        ce = token_losses(logits, batch["labels"])
+        return ce, (ce * batch["loss_mask"]).sum(), aux
 
     def train_step(self, micro_batches: list[dict], stats: StepStats) -> float:
         """Forward/backward every micro-batch; loss averaged over the global batch's targets."""
@@ -95,14 +95,14 @@ class Trainer:
         step_loss = 0.0
         for batch in micro_batches:
             batch = self._to_device(batch)
-            logits, loss_sum, aux = self.forward_loss(batch)
+            ce, loss_sum, aux = self.forward_loss(batch)
             loss = loss_sum / max(total_targets, 1.0) + aux / len(micro_batches)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss is {loss.item()} at iteration {self.iteration + 1}; "
                                     "stopping (try a lower --lr or check the data)")
             loss.backward()
             step_loss += loss_sum.item() / max(total_targets, 1.0)
-            task_loss, task_tokens = per_task_loss(logits, batch)
+            task_loss, task_tokens = per_task_loss(ce, batch)
             stats.task_loss += task_loss
             stats.task_tokens += task_tokens
             stats.aux += float(aux.detach()) / len(micro_batches)
