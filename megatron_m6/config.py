@@ -110,6 +110,15 @@ class RunConfig:
     log_interval: int = 10
     tensorboard_dir: str | None = None
     device: str = "auto"
+    # Parallelism: data parallel is what remains of the world size (see megatron_m6/parallel).
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    data_parallel_sharding: str = "replicate"  # replicate | optimizer (ZeRO-2-like) | full (FSDP)
+    overlap_grad_reduce: bool = False
+    recompute_granularity: str | None = None  # selective | full
+    num_layers_per_virtual_pipeline_stage: int | None = None
 
     @property
     def num_micro_batches(self) -> int:
@@ -184,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"])
     g.add_argument("--bf16", action="store_true", default=None)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g = p.add_argument_group("parallelism")
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "expert_model_parallel_size", "num_layers_per_virtual_pipeline_stage"):
+        g.add_argument("--" + name.replace("_", "-"), type=int)
+    g.add_argument("--sequence-parallel", action="store_true", default=None)
+    g.add_argument("--data-parallel-sharding", choices=["replicate", "optimizer", "full"])
+    g.add_argument("--overlap-grad-reduce", action="store_true", default=None)
+    g.add_argument("--recompute-granularity", choices=["selective", "full"])
     g = p.add_argument_group("data and checkpoints")
     g.add_argument("--data-path", type=str, help="folder made by tools/prepare_sample_data.py")
     g.add_argument("--mock-data", action="store_true", default=None,

@@ -1,0 +1,95 @@
+"""Data parallelism in three strengths (`--data-parallel-sharding`):
+
+- replicate: every rank holds everything; gradients are averaged with all-reduce, in fp32, in
+  buckets after the last micro-batch, or per parameter as soon as each gradient is ready
+  (`--overlap-grad-reduce`) so communication hides behind the rest of the backward pass.
+- optimizer: FSDP2 without resharding after forward: parameters stay gathered between forward
+  and backward, gradients and optimizer state are sharded (ZeRO-2-like).
+- full: FSDP2 / ZeRO-3: parameters are gathered per block for forward and again for backward.
+
+Gradients are averaged over data-parallel ranks; the trainer scales each rank's loss by the DP
+size so that the average equals the gradient of the global-batch loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,
+               bf16: bool) -> None:
+    """Shard each block, then the rest of the model, over the data-parallel mesh."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.float32)
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class GradAllReduce:
+    """Plain data parallel: average every gradient over the DP group, in fp32 buckets.
+
+    Buckets hold parameters in reverse registration order (roughly the order backward produces
+    their gradients) and are reduced strictly in that order on every rank, so collectives match
+    even when ranks finish gradients in different orders. A parameter this rank did not use
+    (e.g. the image encoder on a text-only micro-batch) contributes zeros, so every replica
+    applies the same update.
+    """
+
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup, overlap: bool,
+                 bucket_bytes: int = 32 * 2**20):
+        self.group, self.size = group, dist.get_world_size(group)
+        self.buckets: list[list[nn.Parameter]] = [[]]
+        for p in reversed([p for p in model.parameters() if p.requires_grad]):
+            if self.buckets[-1] and sum(q.numel() * 4 for q in self.buckets[-1]) + p.numel() * 4 > bucket_bytes:
+                self.buckets.append([])
+            self.buckets[-1].append(p)
+        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.ready = [0] * len(self.buckets)
+        self.next_bucket = 0
+        self.pending: list[tuple[int, torch.Tensor, dist.Work]] = []
+        self.last_micro_batch = False
+        if overlap:
+            for bucket in self.buckets:
+                for p in bucket:
+                    p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        if self.last_micro_batch:  # earlier micro-batches only accumulate locally
+            self.ready[self.bucket_of[id(p)]] += 1
+            while (self.next_bucket < len(self.buckets)
+                   and self.ready[self.next_bucket] == len(self.buckets[self.next_bucket])):
+                self._launch(self.next_bucket)
+
+    def _launch(self, index: int) -> None:
+        for p in self.buckets[index]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([_local(p.grad).reshape(-1).float() for p in self.buckets[index]])
+        self.pending.append((index, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        self.next_bucket = index + 1
+
+    def before_backward(self, last_micro_batch: bool) -> None:
+        self.last_micro_batch = last_micro_batch
+
+    def finish(self) -> None:
+        """Issue the buckets not yet reduced, wait for all, and write back the averages."""
+        while self.next_bucket < len(self.buckets):
+            self._launch(self.next_bucket)
+        for index, flat, work in self.pending:
+            work.wait()
+            grads = [_local(p.grad) for p in self.buckets[index]]
+            for g, chunk in zip(grads, flat.div_(self.size).split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))
+        self.pending.clear()
+        self.ready = [0] * len(self.buckets)
+        self.next_bucket = 0
