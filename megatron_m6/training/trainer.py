@@ -14,6 +14,7 @@ from torch import nn
 
 from megatron_m6.config import TASK_NAMES, RunConfig
 from megatron_m6.model import token_losses
+from megatron_m6.parallel import ParallelDims, ParallelState
 from megatron_m6.training import checkpoint as ckpt
 from megatron_m6.training.schedule import learning_rate
 
@@ -23,11 +24,18 @@ class TrainingError(RuntimeError):
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and norm weights; fused kernel on GPU."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with no weight decay on biases and norm weights; fused kernel on GPU.
+
+    Parameters are grouped by kind as well (plain tensors, DTensors of each mesh), since the
+    multi-tensor kernels cannot mix them within one group."""
+    groups: dict[tuple, list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            mesh = getattr(p, "device_mesh", None)
+            key = (p.ndim >= 2, None if mesh is None else (mesh.mesh_dim_names, tuple(p.placements)))
+            groups.setdefault(key, []).append(p)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
+              for (decay, _), params in groups.items()]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_eps, fused=device.type == "cuda")
 
@@ -58,15 +66,20 @@ def per_task_loss(ce: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Te
 
 class Trainer:
     def __init__(self, cfg: RunConfig, model: nn.Module, eval_loader_fn=None,
-                 device: torch.device = torch.device("cpu"), log=print):
-        self.cfg, self.model, self.device, self.log = cfg, model, device, log
+                 device: torch.device = torch.device("cpu"), log=print,
+                 parallel: ParallelState | None = None):
+        self.cfg, self.model, self.device = cfg, model, device
+        self.parallel = parallel or ParallelState(ParallelDims(world_size=1))
+        self.log = log if self.parallel.is_logging_rank else (lambda line: None)
+        # Micro-batches per rank per step: the global batch is split over data-parallel ranks.
+        self.num_micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * self.parallel.dims.dp)
         self.optimizer = build_optimizer(model, cfg, device)
         self.eval_loader_fn = eval_loader_fn  # () -> iterable of batches
         self.iteration = 0
         self.consumed_samples = 0
         self.history: list[float] = []  # global-batch loss per iteration
         self.writer = None
-        if cfg.tensorboard_dir:
+        if cfg.tensorboard_dir and self.parallel.is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(cfg.tensorboard_dir)
 
@@ -86,39 +99,59 @@ class Trainer:
         return ce, (ce * batch["loss_mask"]).sum(), aux
 
     def train_step(self, micro_batches: list[dict], stats: StepStats) -> float:
-        """Forward/backward every micro-batch; loss averaged over the global batch's targets."""
+        """One optimizer step on the global batch; returns its loss."""
+        step_loss = self.forward_backward(micro_batches, stats)
+        self.optimizer_step()
+        return step_loss
+
+    def forward_backward(self, micro_batches: list[dict], stats: StepStats) -> float:
+        """Forward/backward every micro-batch, then synchronise and clip the gradients; the
+        loss is averaged over the global batch's targets.
+
+        Gradients are averaged over DP ranks, so each rank's share of the global-batch loss is
+        scaled by the DP size: the average is then the gradient of the global-batch loss."""
+        par, n = self.parallel, len(micro_batches)
         lr = learning_rate(self.cfg, self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        total_targets = sum(float(b["loss_mask"].sum()) for b in micro_batches)
-        step_loss = 0.0
-        for batch in micro_batches:
+        local_targets = sum(b["loss_mask"].sum() for b in micro_batches).double()
+        total_targets = max(float(par.all_reduce_dp(local_targets.to(self.device))), 1.0)
+        loss_sum_local = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
-            ce, loss_sum, aux = self.forward_loss(batch)
-            loss = loss_sum / max(total_targets, 1.0) + aux / len(micro_batches)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at iteration {self.iteration + 1}; "
-                                    "stopping (try a lower --lr or check the data)")
-            loss.backward()
-            step_loss += loss_sum.item() / max(total_targets, 1.0)
+            with par.loss_context():
+                ce, loss_sum, aux = self.forward_loss(batch)
+                # The aux loss is a mean over the micro-batches of all DP ranks (n * dp of them).
+                loss = loss_sum / total_targets * par.dims.dp + aux / n
+                par.before_backward(self.model, last_micro_batch=i == n - 1)
+                loss.backward()
+            loss_sum_local += loss_sum.detach()
             task_loss, task_tokens = per_task_loss(ce, batch)
             stats.task_loss += task_loss
             stats.task_tokens += task_tokens
-            stats.aux += float(aux.detach()) / len(micro_batches)
+            stats.aux += float(aux.detach()) / n
             stats.tokens += int(batch["valid_len"].sum())
             stats.samples += batch["tokens"].shape[0]
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad or math.inf)
+        par.finish_grad_sync()
+        step_loss = float(par.all_reduce_dp(loss_sum_local)) / total_targets
+        if not math.isfinite(step_loss):  # the same global value on every rank: all stop together
+            raise TrainingError(f"loss is {step_loss} at iteration {self.iteration + 1}; "
+                                "stopping (try a lower --lr or check the data)")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = par.clip_grad_norm_(params, self.cfg.clip_grad or math.inf)
         if not torch.isfinite(grad_norm):
             raise TrainingError(f"gradient norm is {grad_norm.item()} at iteration {self.iteration + 1}")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.iteration += 1
-        self.consumed_samples += sum(b["tokens"].shape[0] for b in micro_batches)
         stats.grad_norm += float(grad_norm)
         stats.steps += 1
         self.history.append(step_loss)
         return step_loss
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iteration += 1
+        self.consumed_samples += self.cfg.global_batch_size
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, train_loader) -> list[float]:
@@ -128,8 +161,8 @@ class Trainer:
         stats = StepStats()
         saved = False
         while self.iteration < cfg.train_iters:
-            micro = list(itertools.islice(batches, cfg.num_micro_batches))
-            if len(micro) < cfg.num_micro_batches:
+            micro = list(itertools.islice(batches, self.num_micro_batches))
+            if len(micro) < self.num_micro_batches:
                 raise TrainingError(f"data ran out at iteration {self.iteration + 1}")
             self.train_step(micro, stats)
             if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
@@ -151,37 +184,45 @@ class Trainer:
 
     def log_stats(self, s: StepStats) -> None:
         elapsed = time.perf_counter() - s.start
-        losses = s.task_loss / s.task_tokens.clamp(min=1)
-        mean = float(s.task_loss.sum() / s.task_tokens.sum().clamp(min=1))
+        n = len(TASK_NAMES)
+        local = torch.cat([s.task_loss, s.task_tokens,
+                           torch.tensor([s.aux, s.tokens, s.samples], dtype=torch.float64)])
+        totals = self.parallel.all_reduce_dp(local.to(self.device)).cpu()
+        task_loss, task_tokens = totals[:n], totals[n:2 * n]
+        aux = float(totals[2 * n]) / self.parallel.dims.dp / s.steps
+        tokens, samples = float(totals[2 * n + 1]), float(totals[2 * n + 2])
+        losses = task_loss / task_tokens.clamp(min=1)
+        mean = float(task_loss.sum() / task_tokens.sum().clamp(min=1))
         parts = [f"iteration {self.iteration:6d}/{self.cfg.train_iters}", f"loss {mean:.4f}"]
-        parts += [f"{name} {losses[i]:.3f}" for i, name in enumerate(TASK_NAMES) if s.task_tokens[i] > 0]
+        parts += [f"{name} {losses[i]:.3f}" for i, name in enumerate(TASK_NAMES) if task_tokens[i] > 0]
         if self.cfg.model.num_experts:
-            parts.append(f"moe aux {s.aux / s.steps:.4f}")
+            parts.append(f"moe aux {aux:.4f}")
         lr = learning_rate(self.cfg, self.iteration - 1)
         parts += [f"lr {lr:.3e}", f"grad norm {s.grad_norm / s.steps:.3f}",
-                  f"tokens/s {s.tokens / elapsed:.0f}", f"samples/s {s.samples / elapsed:.1f}"]
+                  f"tokens/s {tokens / elapsed:.0f}", f"samples/s {samples / elapsed:.1f}"]
         self.log(" | ".join(parts))
         if self.writer:
             it = self.iteration
             self.writer.add_scalar("loss/total", mean, it)
             for i, name in enumerate(TASK_NAMES):
-                if s.task_tokens[i] > 0:
+                if task_tokens[i] > 0:
                     self.writer.add_scalar(f"loss/{name}", float(losses[i]), it)
-            self.writer.add_scalar("moe_aux_loss", s.aux / s.steps, it)
+            self.writer.add_scalar("moe_aux_loss", aux, it)
             self.writer.add_scalar("lr", lr, it)
             self.writer.add_scalar("grad_norm", s.grad_norm / s.steps, it)
-            self.writer.add_scalar("throughput/tokens_per_s", s.tokens / elapsed, it)
-            self.writer.add_scalar("throughput/samples_per_s", s.samples / elapsed, it)
+            self.writer.add_scalar("throughput/tokens_per_s", tokens / elapsed, it)
+            self.writer.add_scalar("throughput/samples_per_s", samples / elapsed, it)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        loss_sum, targets = 0.0, 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, targets
         for batch in itertools.islice(self.eval_loader_fn(), self.cfg.eval_iters):
             batch = self._to_device(batch)
-            _, loss, _ = self.forward_loss(batch)
-            loss_sum += loss.item()
-            targets += float(batch["loss_mask"].sum())
+            with self.parallel.loss_context():
+                _, loss, _ = self.forward_loss(batch)
+            sums += torch.stack([loss.double(), batch["loss_mask"].sum().double()])
+        loss_sum, targets = self.parallel.all_reduce_dp(sums).tolist()
         value = loss_sum / max(targets, 1.0)
         self.log(f"validation at iteration {self.iteration} | loss {value:.4f} | "
                  f"ppl {math.exp(min(value, 50)):.2f}")
