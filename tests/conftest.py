@@ -1,9 +1,15 @@
 """Shared test helpers: tiny model configurations that run in milliseconds on CPU."""
 
-import dataclasses
+import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton's interpreter runs the kernels (DESIGN.md, "Kernels"). This must be set
+# before anything imports Triton, and the model imports it through m6_kernels; the model's "auto"
+# backends still take the PyTorch path on CPU, so other tests are unaffected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_m6.config import ModelConfig
 
