@@ -1,4 +1,4 @@
-import json
+import io
 from collections import Counter
 
 import numpy as np
@@ -9,6 +9,7 @@ from PIL import Image
 from megatron_m6.config import TASK_NAMES
 from megatron_m6.data.dataset import (IMAGENET_MEAN, IMAGENET_STD, M6PretrainDataset, MockDataset,
                                       build_data_loader, collate, image_to_tensor)
+from megatron_m6.data.indexed import IndexedDatasetError, IndexedDatasetWriter
 from megatron_m6.data.tasks import IMAGE_TASKS, build_sample
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz我们的图片猫狗"
@@ -29,29 +30,40 @@ class FakeTokenizer:
 TOK = FakeTokenizer()
 
 
-def write_jsonl(path, rows):
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    path.write_text(text, encoding="utf-8")
+def write_text(prefix, texts):
+    with IndexedDatasetWriter(str(prefix), np.uint16) as w:
+        for t in texts:
+            w.add_item(np.array(TOK.encode(t)))
+            w.end_document()
+    return str(prefix)
+
+
+def write_pairs(prefix, pairs):
+    """[caption, image] documents, as tools/preprocess_data.py writes them."""
+    with IndexedDatasetWriter(str(prefix), np.int32, multimodal=True) as w:
+        for (size, colour, fmt), caption in pairs:
+            buf = io.BytesIO()
+            Image.new("RGB", size, colour).save(buf, format=fmt)
+            w.add_item(np.array(TOK.encode(caption)))
+            w.add_image(buf.getvalue())
+            w.end_document()
+    return str(prefix)
 
 
 @pytest.fixture
 def data_dir(tmp_path):
-    (tmp_path / "images").mkdir()
-    for name, size, colour in [("a.png", (40, 30), (255, 0, 0)),
-                               ("b.jpg", (20, 50), (0, 128, 255)),
-                               ("c.png", (32, 32), (10, 200, 30))]:
-        Image.new("RGB", size, colour).save(tmp_path / "images" / name)
-    write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in
-                ["我们的猫", "abcdefghij" * 20, "x", "hello world", "图片的狗和猫" * 3]])
-    write_jsonl(tmp_path / "captions_train.jsonl", [
-        {"image": "images/a.png", "text": "红色的图片"}, {"image": "images/b.jpg", "text": "蓝色"},
-        {"image": "images/c.png", "text": "green square picture"}])
-    write_jsonl(tmp_path / "captions_test.jsonl", [{"image": "images/c.png", "text": "绿色"}])
+    write_text(tmp_path / "text", ["我们的猫", "abcdefghij" * 20, "x", "hello world", "图片的狗和猫" * 3])
+    write_pairs(tmp_path / "pairs", [(((40, 30), (255, 0, 0), "PNG"), "红色的图片"),
+                                     (((20, 50), (0, 128, 255), "JPEG"), "蓝色"),
+                                     (((32, 32), (10, 200, 30), "PNG"), "green square picture"),
+                                     (((32, 32), (10, 200, 30), "PNG"), "绿色")])
     return tmp_path
 
 
-def make(data_dir, weights=None, seed=0, num_samples=64, split="train"):
-    return M6PretrainDataset(str(data_dir), TOK, SEQ, N_IMG, IMG, weights, seed, num_samples, split)
+def make(data_dir, weights=None, seed=0, num_samples=64, split="train", splits="3,1,0",
+         names=("text", "pairs")):
+    return M6PretrainDataset([str(data_dir / n) for n in names], TOK, SEQ, N_IMG, IMG, weights,
+                             seed, num_samples, split, splits)
 
 
 def same(a, b):
@@ -113,30 +125,29 @@ def test_equal_weights_by_default(data_dir):
     assert all(abs(c / 1500 - 0.2) < 0.04 for c in counts.values())
 
 
-def test_split_uses_its_caption_file(data_dir):
-    ds = make(data_dir, {"captioning": 1}, split="test", num_samples=5)
+def test_split_reads_its_share_of_documents(data_dir):
+    ds = make(data_dir, {"captioning": 1}, split="valid", num_samples=5)  # the last of 4 pairs
     want = [TOK.img_id] * N_IMG + [TOK.cls_id, TOK.sep_id] + TOK.encode("绿色") + [TOK.eos_id]
     assert all(ds[i]["tokens"].tolist() == want for i in range(5))
 
 
 def test_errors(data_dir):
-    (data_dir / "captions_test.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="captions_test.jsonl"):
-        make(data_dir, split="test")
-    make(data_dir, {"prefix_lm": 1}, split="test")  # captions not needed
-    (data_dir / "text.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="text.jsonl"):
-        make(data_dir, {"prefix_lm": 1, "captioning": 1})
-    make(data_dir, {"captioning": 1, "mm_denoising": 2})  # text not needed
-    write_jsonl(data_dir / "text.jsonl", [{"text": "x"}])
-    with pytest.raises(ValueError, match="text.jsonl has no text"):
-        make(data_dir, {"text_denoising": 1})
+    with pytest.raises(IndexedDatasetError, match="nope.idx not found"):
+        make(data_dir, names=("text", "nope"))
+    with pytest.raises(ValueError, match="captioning has weight > 0 but .* no image-text pairs"):
+        make(data_dir, {"prefix_lm": 1, "captioning": 1}, names=("text",))
+    make(data_dir, {"prefix_lm": 1}, names=("text",))  # pairs not needed
+    make(data_dir, {"captioning": 1, "mm_denoising": 2}, names=("pairs",))  # text not needed
+    assert {make(data_dir, names=("text",))[i]["task_id"] for i in range(30)} == {0, 1}
+    write_text(data_dir / "short", ["x"])
+    with pytest.raises(ValueError, match="no text documents of at least 2 tokens"):
+        make(data_dir, {"text_denoising": 1}, names=("short",))
     with pytest.raises(ValueError, match="unknown tasks"):
         make(data_dir, {"vqa": 1})
     with pytest.raises(ValueError, match="positive total"):
         make(data_dir, {"captioning": 0})
     with pytest.raises(ValueError, match="too short"):
-        M6PretrainDataset(str(data_dir), TOK, 10, 9, IMG, {"captioning": 1}, 0, 4)
+        M6PretrainDataset(str(data_dir / "pairs"), TOK, 10, 9, IMG, {"captioning": 1}, 0, 4)
     with pytest.raises(IndexError):
         make(data_dir, {"captioning": 1}, num_samples=4)[4]
 
@@ -209,3 +220,17 @@ def test_mock_dataset():
     assert 0.35 < with_image / len(ds) < 0.65
     batch = next(iter(build_data_loader(ds, 8, 64, 0, IMG, 0, 0)))
     assert batch["tokens"].shape == (8, 64) and batch["images"].shape == (8, 3, IMG, IMG)
+
+
+def test_data_parallel_sampler_deals_micro_batches_in_turn():
+    from megatron_m6.data.dataset import DataParallelSampler
+    for start, stop, micro, size in [(0, 37, 2, 3), (12, 100, 4, 2), (8, 9, 2, 4), (6, 6, 2, 2)]:
+        seen = []
+        for rank in range(size):
+            sampler = DataParallelSampler(start, stop, micro, rank, size)
+            got = list(sampler)
+            # Direct definition: index i belongs to the rank of its micro-batch, dealt in turn.
+            want = [i for i in range(start, stop) if ((i - start) // micro) % size == rank]
+            assert got == want and len(sampler) == len(want)
+            seen += got
+        assert sorted(seen) == list(range(start, stop))

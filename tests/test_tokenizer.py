@@ -84,3 +84,17 @@ def test_missing_or_bad_vocab_file(tmp_path):
     partial.write_text("[PAD]\n[UNK]\na\n")
     with pytest.raises(ValueError, match="lacks special tokens"):
         M6Tokenizer.from_vocab_file(str(partial))
+
+
+def test_encode_batch_equals_encode(tok):
+    """The CJK fast path gives exactly the ids of the full pipeline, whatever surrounds the
+    ideographs: specials, compatibility forms, radicals, combining marks, newlines."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = (list("红色的圆形今天天气很好我们去公园") + list("abcXYZ Σς 12，。！？“”（）[]. ,\t\n")
+                + [chr(rng.randrange(0x4E00, 0xA000)) for _ in range(30)]
+                + ["[S0]", "[UNK]", "\u0301", "\u2f00", "\uf900", "\u3220", "\ufffd", "\x00", "İ", "ﬁ", "Ａ"])
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(2000)]
+    assert [ids.tolist() for ids in tok.encode_batch(texts)] == [tok.encode(t) for t in texts]
+    assert tok.encode_batch([]) == [] and tok.encode_batch([""])[0].tolist() == []

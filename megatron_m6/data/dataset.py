@@ -1,29 +1,29 @@
-"""Pretraining data: the mixed-task dataset over a prepared folder, a synthetic dataset of the same
-shapes, the collate that derives labels and loss masks from the sample layout, and a loader that
-resumes exactly where a run stopped.
+"""Pretraining data: the mixed-task dataset over indexed datasets (text and image-text pairs made
+by tools/preprocess_data.py), a synthetic dataset of the same shapes, the collate that derives
+labels and loss masks from the sample layout, and a loader that resumes exactly where a run stopped.
 
 Sample i is a pure function of (seed, i), so resuming only needs the number of consumed samples.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megatron_m6.config import TASK_NAMES
+from megatron_m6.data.blending import (SPLIT_NAMES, epoch_permutation, parse_blend, parse_split,
+                                       sample_index, split_ranges)
+from megatron_m6.data.indexed import TEXT_MODE, IndexedDataset, IndexedDatasetError
 from megatron_m6.data.tasks import (IMAGE_TASKS, MIN_TEXT_TOKENS, TEXT_TASKS, build_sample,
                                     min_seq_length)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TEXT_FILE = "text.jsonl"
-CAPTION_FILES = {"train": "captions_train.jsonl", "test": "captions_test.jsonl"}
 
 
 def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
@@ -55,62 +55,110 @@ def task_probabilities(task_weights: dict[str, float] | None) -> np.ndarray:
     return w / w.sum()
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path} not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-    return rows
+class IndexedSource:
+    """One indexed dataset as the tasks see it: text documents, or (multimodal) image-text pairs
+    laid out as [caption, image]. Documents with fewer than MIN_TEXT_TOKENS text tokens (a trailing
+    [EOS] from --append-eod not counted) are left out, found with numpy, not a loop."""
+
+    def __init__(self, prefix: str, eos_id: int):
+        ds = self.ds = IndexedDataset(prefix)
+        self.prefix, self.multimodal, self.eos_id = prefix, ds.multimodal, eos_id
+        n_docs, n_items = ds.num_documents, len(ds)
+        doc_of = np.repeat(np.arange(n_docs), np.diff(ds.document_indices))
+        modes = ds.sequence_modes if ds.multimodal else np.zeros(n_items, np.int8)
+        is_text = modes == TEXT_MODE
+        self.image_item = None
+        if ds.multimodal:
+            images = np.bincount(doc_of[~is_text], minlength=n_docs)
+            if (images != 1).any():
+                d = int(np.flatnonzero(images != 1)[0])
+                raise IndexedDatasetError(f"{prefix}: document {d} has {images[d]} images; "
+                                          "multimodal documents are [caption, image] pairs")
+            self.image_item = np.flatnonzero(~is_text)
+        lengths = ds.sequence_lengths.astype(np.int64)
+        text_len = np.bincount(doc_of[is_text], weights=lengths[is_text], minlength=n_docs)
+        last = np.full(n_docs, -1, np.int64)
+        nonempty = np.flatnonzero(is_text & (lengths > 0))
+        np.maximum.at(last, doc_of[nonempty], nonempty)
+        has = last >= 0
+        ends_eos = np.zeros(n_docs, dtype=bool)
+        pos = ds.sequence_pointers[last[has]] // ds.dtype.itemsize + lengths[last[has]] - 1
+        ends_eos[has] = ds.data[pos] == eos_id
+        self.usable = text_len - ends_eos >= MIN_TEXT_TOKENS
+
+    def text(self, d: int) -> np.ndarray:
+        """Token ids of document d (of its caption, for a pair), without a trailing [EOS]."""
+        if self.multimodal:
+            first, last = self.ds.document_indices[d], self.ds.document_indices[d + 1]
+            modes = self.ds.sequence_modes
+            tokens = np.concatenate([self.ds[i] for i in range(first, last) if modes[i] == TEXT_MODE])
+        else:
+            tokens = self.ds.document(d)
+        return tokens[:-1] if len(tokens) and tokens[-1] == self.eos_id else tokens
+
+    def image(self, d: int) -> bytes:
+        return self.ds.image_bytes(int(self.image_item[d]))
 
 
 class M6PretrainDataset(Dataset):
-    """Sample i is a pure function of (seed, i): task chosen by weights, document/pair chosen, task
-    built. Length = num_samples.
+    """Sample i is a pure function of (seed, i): its task by the task weights, its dataset by the
+    blend weights among those that can serve the task (text datasets for text tasks, image-text
+    ones for image tasks), its document by that dataset's shuffle for the current epoch within
+    this split's share of documents, then the task built from it.
 
-    Texts are tokenised once here (kept as int32 arrays: small, and cheap to share with forked
-    workers); images are decoded in __getitem__ so DataLoader workers do it. Only the files needed
-    by tasks with weight > 0 are read; texts shorter than 2 tokens are skipped.
+    data_path is Megatron's --data-path list: a prefix, or W1 PREFIX1 W2 PREFIX2 ... With
+    task_weights None, tasks are weighted equally among those the data can serve. Token ids come
+    from the memory-mapped files; images are decoded in __getitem__, so DataLoader workers do it.
     """
 
-    def __init__(self, data_dir: str, tok, seq_length: int, num_image_tokens: int, image_size: int,
-                 task_weights: dict[str, float] | None, seed: int, num_samples: int,
-                 split: str = "train"):
-        if split not in CAPTION_FILES:
-            raise ValueError(f"split must be one of {sorted(CAPTION_FILES)}, got {split!r}")
+    def __init__(self, data_path: list[str] | str, tok, seq_length: int, num_image_tokens: int,
+                 image_size: int, task_weights: dict[str, float] | None, seed: int,
+                 num_samples: int, split: str = "train", splits: str = "98,2,0"):
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
         self.tok, self.seq_length, self.seed, self.num_samples = tok, seq_length, seed, num_samples
         self.num_image_tokens, self.image_size = num_image_tokens, image_size
-        self.probs = task_probabilities(task_weights)
+        self.split = SPLIT_NAMES.index(split)
+        blend = parse_blend([data_path] if isinstance(data_path, str) else list(data_path))
+        self.sources = [IndexedSource(prefix, tok.eos_id) for _, prefix in blend]
+        self.docs = []  # per source: usable documents of this split
+        for source in self.sources:
+            start, end = split_ranges(source.ds.num_documents, parse_split(splits))[self.split]
+            self.docs.append(np.flatnonzero(source.usable[start:end]) + start)
+        serves = {kind: np.array([w if (s.multimodal == (kind == "image") and len(d)) else 0.0
+                                  for (w, _), s, d in zip(blend, self.sources, self.docs)])
+                  for kind in ("text", "image")}
+        kind_of = {t: "image" if t in IMAGE_TASKS else "text" for t in TASK_NAMES}
+        if task_weights:
+            self.probs = task_probabilities(task_weights)
+        else:
+            self.probs = task_probabilities({t: 1.0 for t in TASK_NAMES if serves[kind_of[t]].sum()}
+                                            or {t: 1.0 for t in TASK_NAMES})
         used = [t for t, p in zip(TASK_NAMES, self.probs) if p > 0]
         for t in used:
             if seq_length < min_seq_length(t, num_image_tokens):
                 raise ValueError(f"seq_length {seq_length} is too short for task {t} (needs "
                                  f"{min_seq_length(t, num_image_tokens)})")
-        self.docs: list[np.ndarray] = []
-        self.captions: list[tuple[str, np.ndarray]] = []
-        if any(t in TEXT_TASKS for t in used):
-            path = os.path.join(data_dir, TEXT_FILE)
-            self.docs = [d for d in (self._encode(r["text"]) for r in _read_jsonl(path))
-                         if len(d) >= MIN_TEXT_TOKENS]
-            if not self.docs:
-                raise ValueError(f"{path} has no text of at least {MIN_TEXT_TOKENS} tokens, but "
-                                 f"tasks {[t for t in used if t in TEXT_TASKS]} have weight > 0")
-        if any(t in IMAGE_TASKS for t in used):
-            path = os.path.join(data_dir, CAPTION_FILES[split])
-            pairs = ((os.path.join(data_dir, r["image"]), self._encode(r["text"]))
-                     for r in _read_jsonl(path))
-            self.captions = [(p, c) for p, c in pairs if len(c) >= MIN_TEXT_TOKENS]
-            if not self.captions:
-                raise ValueError(f"{path} has no caption of at least {MIN_TEXT_TOKENS} tokens, but "
-                                 f"tasks {[t for t in used if t in IMAGE_TASKS]} have weight > 0")
+            if not serves[kind_of[t]].sum():
+                what = "image-text pairs" if kind_of[t] == "image" else "text documents"
+                raise ValueError(f"task {t} has weight > 0 but --data-path "
+                                 f"{' '.join(p for _, p in blend)} has no {what} of at least "
+                                 f"{MIN_TEXT_TOKENS} tokens in the {split} split (--split {splits})")
+        self.task_ids, self.source_ids, self.draws = sample_index(
+            self.probs, [serves[kind_of[t]] for t in TASK_NAMES], seed, self.split, num_samples)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
 
-    def _encode(self, text: str) -> np.ndarray:
-        return np.array(self.tok.encode(text), dtype=np.int32)
+    def _document(self, source: int, draw: int) -> int:
+        """The draw-th document read from a source: a fresh permutation every epoch."""
+        docs = self.docs[source]
+        epoch, pos = divmod(draw, len(docs))
+        perm = self._perms.get((source, epoch))
+        if perm is None:
+            if len(self._perms) >= 2 * len(self.sources):
+                self._perms.clear()
+            perm = self._perms[source, epoch] = epoch_permutation(self.seed, self.split, source,
+                                                                 epoch, len(docs))
+        return int(docs[perm[pos]])
 
     def __len__(self) -> int:
         return self.num_samples
@@ -118,19 +166,16 @@ class M6PretrainDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
-        rng = np.random.default_rng([self.seed, i])
-        task_id = int(rng.choice(len(TASK_NAMES), p=self.probs))
-        task = TASK_NAMES[task_id]
-        if task in IMAGE_TASKS:
-            path, text = self.captions[rng.integers(len(self.captions))]
-        else:
-            path, text = None, self.docs[rng.integers(len(self.docs))]
+        task_id, s = int(self.task_ids[i]), int(self.source_ids[i])
+        task, source = TASK_NAMES[task_id], self.sources[s]
+        doc = self._document(s, int(self.draws[i]))
         # No text longer than seq_length can fit, so never convert more than that.
-        sample = build_sample(task, text[:self.seq_length].tolist(), self.tok, rng,
-                              self.seq_length, self.num_image_tokens, path)
+        text = source.text(doc)[:self.seq_length].tolist()
+        rng = np.random.default_rng([self.seed, self.split, 3, i])
+        sample = build_sample(task, text, self.tok, rng, self.seq_length, self.num_image_tokens)
         image = None
-        if path is not None:
-            with Image.open(path) as img:
+        if task in IMAGE_TASKS:
+            with Image.open(io.BytesIO(source.image(doc))) as img:
                 image = image_to_tensor(img, self.image_size)
         return {"tokens": torch.tensor(sample.tokens, dtype=torch.long),
                 "prefix_len": sample.prefix_len, "task_id": task_id, "image": image}
@@ -211,12 +256,33 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class DataParallelSampler(Sampler[int]):
+    """Sample indices of one data-parallel rank, lazily: consecutive micro-batches are dealt to
+    the ranks in turn, so rank r's j-th micro-batch is micro-batch j * dp_size + r of one process."""
+
+    def __init__(self, start: int, stop: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.start, self.stop, self.micro = start, stop, micro_batch_size
+        self.rank, self.size = dp_rank, dp_size
+
+    def __iter__(self):
+        for base in range(self.start + self.rank * self.micro, self.stop, self.micro * self.size):
+            yield from range(base, min(base + self.micro, self.stop))
+
+    def __len__(self) -> int:
+        n = max(0, self.stop - self.start)
+        full, rest = divmod(n, self.micro * self.size)
+        return full * self.micro + min(self.micro, max(0, rest - self.rank * self.micro))
+
+
 def build_data_loader(dataset: Dataset, micro_batch_size: int, seq_length: int, pad_id: int,
-                      image_size: int, consumed_samples: int, num_workers: int) -> DataLoader:
+                      image_size: int, consumed_samples: int, num_workers: int,
+                      dp_rank: int = 0, dp_size: int = 1) -> DataLoader:
     """Fixed-size batches of consecutive samples starting at `consumed_samples`, so a resumed run
-    continues with exactly the next sample."""
+    continues with exactly the next sample; `consumed_samples` must be a multiple of
+    micro_batch_size x dp_size (it is: steps consume whole global batches)."""
+    indices = DataParallelSampler(consumed_samples, len(dataset), micro_batch_size, dp_rank, dp_size)
     return DataLoader(
-        dataset, batch_size=micro_batch_size, sampler=range(consumed_samples, len(dataset)),
+        dataset, batch_size=micro_batch_size, sampler=indices,
         drop_last=True, num_workers=num_workers,
         collate_fn=partial(collate, seq_length=seq_length, pad_id=pad_id, image_size=image_size),
         persistent_workers=num_workers > 0,

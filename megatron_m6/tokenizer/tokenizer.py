@@ -17,9 +17,12 @@ import os
 import re
 from collections.abc import Iterable
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 NUM_SENTINELS = 100
+# The general vocabulary shipped with the package (how it was built: docs/DATA.md).
+DEFAULT_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab.txt")
 SPECIAL_TOKENS = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]", "[IMG]"]
                   + [f"[S{i}]" for i in range(NUM_SENTINELS)])
 
@@ -27,6 +30,10 @@ SPECIAL_TOKENS = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]
 _IDEOGRAPHS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
 _CJK_PUNCT = "\u3000-\u303f\uff00-\uffef\u2014\u2018-\u201f\u2026"
 _IDEOGRAPH_RE = re.compile(f"[{_IDEOGRAPHS}]")
+# encode_batch's fast path: the basic CJK block, whose characters never change under the normaliser.
+_BASIC_CJK_FIRST, _BASIC_CJK_LAST = 0x4E00, 0x9FFF
+_BASIC_CJK_RUN_RE = re.compile(f"([{chr(_BASIC_CJK_FIRST)}-{chr(_BASIC_CJK_LAST)}]+)")
+_RUN_CACHE_SIZE = 1 << 16
 # Spaces the decoder puts between tokens that were not there in (normalised) text.
 _EXTRA_SPACE_RE = re.compile(
     rf" (?=[{_CJK_PUNCT}.,!?;:%)\]}}])"  # before closing or CJK punctuation
@@ -63,6 +70,11 @@ class M6Tokenizer:
         self._index = index
         self._tok = _pipeline(index)
         self._tok.add_special_tokens(SPECIAL_TOKENS)  # so decode can skip them
+        self._cjk_ids = np.full(_BASIC_CJK_LAST - _BASIC_CJK_FIRST + 1, index["[UNK]"], np.int32)
+        for token, i in index.items():
+            if len(token) == 1 and _BASIC_CJK_FIRST <= ord(token) <= _BASIC_CJK_LAST:
+                self._cjk_ids[ord(token) - _BASIC_CJK_FIRST] = i
+        self._run_ids: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_vocab_file(cls, path: str) -> M6Tokenizer:
@@ -128,6 +140,44 @@ class M6Tokenizer:
         """Token ids of text, no special tokens added."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text as int32 arrays, equal to `encode` of each, several times faster
+        on Chinese.
+
+        Why it can be: the normaliser puts spaces around every CJK ideograph, so an ideograph of
+        the basic block (which NFKC and lowercasing leave alone) is always one token whatever its
+        neighbours; those come from a table in bulk, and only the runs between them (punctuation,
+        digits, Latin words, which repeat a lot and are cached) go through the tokenizers pipeline.
+        Runs also end at newlines (whitespace, so no token changes), which keeps texts apart.
+        """
+        if not texts:
+            return []
+        joined = "\n".join(texts)
+        cp = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        cjk = (cp >= _BASIC_CJK_FIRST) & (cp <= _BASIC_CJK_LAST)
+        edges = np.diff(np.concatenate([[0], (~cjk & (cp != 10)).view(np.int8), [0]]))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        runs = [joined[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+        missing = list({r for r in runs if r not in self._run_ids})
+        if len(self._run_ids) + len(missing) > _RUN_CACHE_SIZE:
+            self._run_ids.clear()
+            missing = list(set(runs))
+        for run, enc in zip(missing, self._tok.encode_batch(missing, add_special_tokens=False)):
+            self._run_ids[run] = np.array(enc.ids, dtype=np.int32)
+        run_ids = [self._run_ids[r] for r in runs]
+        run_len = np.array([len(x) for x in run_ids], dtype=np.int64)
+        # Tokens each code point starts: 1 per ideograph, a run's tokens at its first character.
+        count = cjk.astype(np.int64)
+        count[starts] = run_len
+        first = np.concatenate([[0], np.cumsum(count)])  # tokens before each code point
+        out = np.empty(int(first[-1]), dtype=np.int32)
+        out[first[:-1][cjk]] = self._cjk_ids[cp[cjk] - _BASIC_CJK_FIRST]
+        if len(runs):
+            within = np.arange(int(run_len.sum())) - np.repeat(np.cumsum(run_len) - run_len, run_len)
+            out[np.repeat(first[starts], run_len) + within] = np.concatenate(run_ids)
+        bounds = first[np.cumsum([0] + [len(t) + 1 for t in texts[:-1]] + [len(texts[-1])])]
+        return [out[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         """Text of ids, spaced as the module docstring says; skip_special also drops "[UNK]"."""
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special)
@@ -147,20 +197,26 @@ class M6Tokenizer:
 
 
 def build_vocab(texts: Iterable[str], out_path: str, vocab_size: int = 8000,
-                min_frequency: int = 1) -> M6Tokenizer:
+                min_frequency: int = 1, alphabet: str = "") -> M6Tokenizer:
     """Train a WordPiece vocabulary on texts (special tokens first, every CJK character seen kept
-    even past vocab_size so Chinese never becomes [UNK]), save it to out_path and return it."""
+    even past vocab_size so Chinese never becomes [UNK]), save it to out_path and return it.
+
+    Every character of `alphabet` that survives normalisation gets a token too (and a "##" piece
+    if it is a letter or digit), so text written in it never becomes [UNK] whatever the corpus.
+    """
     texts = list(texts)
     tok = _pipeline({"[UNK]": 0})
     text = tok.normalizer.normalize_str("\n".join(texts))
+    singles = {c for c in alphabet if tok.normalizer.normalize_str(c).strip() == c}
     # The trainer numbers "##x" pieces in hash order and breaks count ties by number, so its vocab
     # changes from run to run; listing every "##x" up front (sorted) makes it reproducible.
     pieces = {"##" + c for word, _ in tok.pre_tokenizer.pre_tokenize_str(text) for c in word[1:]}
+    pieces |= {"##" + c for c in singles if c.isalnum() and c < "\u3000"}  # not CJK: own words
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=SPECIAL_TOKENS + sorted(pieces),
                                         show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    rest = (set(tok.get_vocab()) | set(_IDEOGRAPH_RE.findall(text))) - set(SPECIAL_TOKENS)
+    rest = (set(tok.get_vocab()) | set(_IDEOGRAPH_RE.findall(text)) | singles) - set(SPECIAL_TOKENS)
     vocab = SPECIAL_TOKENS + sorted(rest)
     m6 = M6Tokenizer(vocab)
     m6.save_vocab(out_path)

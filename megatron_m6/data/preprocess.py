@@ -1,0 +1,453 @@
+"""Corpus building: raw jsonl -> Megatron indexed datasets (the engine of tools/preprocess_data.py).
+
+The input files are cut into byte ranges at line boundaries; a pool of workers parses, cleans,
+tokenises (and, for image-text pairs, re-encodes images) whole ranges at a time, and the parent
+process deduplicates and writes the results in input order, so the output does not depend on the
+number of workers. Bad input (undecodable bytes, malformed JSON, missing keys, unusable images)
+is counted by reason, with the first examples logged by file and line, and never stops a run.
+
+Outputs, per JSON key (Megatron's names): `PREFIX_KEY_document` (one item per document),
+`PREFIX_KEY_sentence` (one item per sentence, with --split-sentences), or for image-text pairs
+`PREFIX_KEY_image`, a multimodal dataset whose documents are [caption tokens, JPEG].
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from multiprocessing import Pool
+
+import numpy as np
+
+from megatron_m6.data.cleaning import Cleaner, CleaningConfig, split_sentences
+from megatron_m6.data.dedup import Deduplicator, digest, minhash
+from megatron_m6.data.images import load_image_bytes, prepare_image
+from megatron_m6.data.indexed import (MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets,
+                                      token_dtype)
+from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
+
+INVALID_UTF8, BAD_JSON, MISSING_KEY, EMPTY_FILE, EMPTY_TEXT = (
+    "invalid_utf8", "bad_json", "missing_key", "empty_file", "empty_text")
+TEXT_CHUNK_BYTES, IMAGE_CHUNK_BYTES = 1 << 20, 1 << 15
+EXAMPLES_PER_REASON = 3
+
+
+@dataclass
+class PreprocessConfig:
+    """What tools/preprocess_data.py's flags set."""
+
+    inputs: list[str]
+    output_prefix: str
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    vocab_file: str = DEFAULT_VOCAB_FILE
+    append_eod: bool = False
+    split_sentences: bool = False
+    workers: int = 1
+    partitions: int = 1
+    log_interval: int = 1000
+    cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    image_key: str | None = None  # set: the input holds image-text pairs
+    image_size: int = 224
+    jpeg_quality: int = 90
+    min_image_size: int = 64
+    max_aspect_ratio: float = 3.0
+    chunk_bytes: int | None = None  # default: 1 MiB for text, 32 KiB for image-text pairs
+    progress: bool = True
+
+    def output_names(self) -> dict[str, str]:
+        """JSON key -> output prefix."""
+        if self.image_key:
+            return {self.json_keys[0]: f"{self.output_prefix}_{self.json_keys[0]}_image"}
+        level = "sentence" if self.split_sentences else "document"
+        return {k: f"{self.output_prefix}_{k}_{level}" for k in self.json_keys}
+
+
+@dataclass
+class Stats:
+    """Counts for the progress bar and the final report."""
+
+    files: int = 0
+    bytes: int = 0
+    lines: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    documents: Counter = field(default_factory=Counter)  # output -> documents kept
+    items: Counter = field(default_factory=Counter)
+    tokens: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    examples: list = field(default_factory=list)  # (reason, file, line, detail)
+
+    def add(self, other: Stats) -> None:
+        for name in ("files", "bytes", "lines", "images"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.seconds = max(self.seconds, other.seconds)
+        for name in ("documents", "items", "tokens", "skipped"):
+            getattr(self, name).update(getattr(other, name))
+        self.examples += other.examples
+
+
+@dataclass
+class Chunk:
+    path: str
+    start: int
+    end: int
+
+
+@dataclass
+class Output:
+    """What a worker made of one chunk for one output: kept documents, not yet deduplicated."""
+
+    tokens: np.ndarray  # every item's tokens, concatenated
+    item_lengths: np.ndarray  # per item
+    doc_items: np.ndarray  # items per document
+    lines: list[int]  # line within the chunk, per document
+    digests: list[bytes] = field(default_factory=list)
+    minhash: tuple[np.ndarray, np.ndarray] | None = None  # LSH keys and signatures
+    images: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class ChunkResult:
+    path: str
+    num_lines: int
+    num_bytes: int
+    outputs: dict[str, Output]
+    skipped: Counter
+    examples: list  # (reason, line within the chunk, detail)
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files named by --input: files, globs, or folders (their *.jsonl and *.json, recursively)."""
+    files: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(root, f) for root, _, names in os.walk(item)
+                           for f in names if f.endswith((".jsonl", ".json")))
+        elif os.path.isfile(item):
+            found = [item]
+        else:
+            found = sorted(p for p in glob.glob(item) if os.path.isfile(p))
+        if not found:
+            raise FileNotFoundError(f"--input {item} matches no file")
+        files += found
+    return files
+
+
+def make_chunks(files: list[str], chunk_bytes: int) -> list[Chunk]:
+    """Byte ranges of about chunk_bytes; a line belongs to the range its first byte is in."""
+    return [Chunk(path, start, min(start + chunk_bytes, size))
+            for path in files for size in [os.path.getsize(path)]
+            for start in range(0, size, chunk_bytes)]
+
+
+def read_lines(chunk: Chunk) -> list[bytes]:
+    """The lines that start inside the chunk (the last one may end after it)."""
+    with open(chunk.path, "rb") as f:
+        skip_partial = False
+        if chunk.start:
+            f.seek(chunk.start - 1)
+            skip_partial = f.read(1) != b"\n"
+        data = f.read(chunk.end - chunk.start)
+        if data and not data.endswith(b"\n"):
+            data += f.readline()
+    if skip_partial:  # that line began in the previous chunk
+        data = data[data.find(b"\n") + 1:] if b"\n" in data else b""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+# -- workers ------------------------------------------------------------------------------------
+_W: dict = {}
+
+
+def _init_worker(cfg: PreprocessConfig) -> None:
+    """Per worker: one tokenizer thread (workers are the parallelism) and the cleaners."""
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    caption_rules = replace(cfg.cleaning, min_chars=1, min_chinese_ratio=0.0)
+    _W.update(cfg=cfg, tok=M6Tokenizer.from_vocab_file(cfg.vocab_file),
+              text=Cleaner(cfg.cleaning), caption=Cleaner(caption_rules))
+
+
+def _parse(raw: bytes) -> tuple[dict | None, str | None, str]:
+    """(object, None, "") or (None, reason, detail) for one line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, INVALID_UTF8, f"byte {e.start}"
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        return None, BAD_JSON, str(e)[:80]
+    if not isinstance(obj, dict):
+        return None, BAD_JSON, f"a JSON {type(obj).__name__}, not an object"
+    return obj, None, ""
+
+
+def _tokenize(sentences: list[str], doc_sizes: list[int], append_eod: bool,
+              eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens of every sentence; returns (tokens, item lengths, items per doc, docs kept mask).
+    Empty sentences are dropped, and documents left without tokens are not kept."""
+    ids = _W["tok"].encode_batch(sentences)
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    doc_of = np.repeat(np.arange(len(doc_sizes)), doc_sizes)
+    nonempty = lengths > 0
+    doc_items = np.bincount(doc_of[nonempty], minlength=len(doc_sizes))
+    keep_doc = doc_items > 0
+    if append_eod and keep_doc.any():
+        last = np.cumsum(doc_items)[keep_doc] - 1  # index among the non-empty items
+        kept_ids = [x for x, ok in zip(ids, nonempty) if ok]
+        for i in last.tolist():
+            kept_ids[i] = np.append(kept_ids[i], np.int32(eos_id))
+        ids = kept_ids
+    else:
+        ids = [x for x, ok in zip(ids, nonempty) if ok]
+    tokens = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    return tokens, np.array([len(x) for x in ids], np.int32), doc_items[keep_doc], keep_doc
+
+
+def process_text_chunk(chunk: Chunk) -> ChunkResult:
+    cfg, cleaner = _W["cfg"], _W["text"]
+    lines = read_lines(chunk)
+    skipped, examples = Counter(), []
+
+    def skip(reason: str, line: int, detail: str) -> None:
+        skipped[reason] += 1
+        if skipped[reason] <= EXAMPLES_PER_REASON:
+            examples.append((reason, line, detail))
+
+    docs: dict[str, list] = {k: [] for k in cfg.json_keys}  # (line, text)
+    for n, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        obj, reason, detail = _parse(raw)
+        if obj is None:
+            skip(reason, n, detail)
+            continue
+        for key in cfg.json_keys:
+            value = obj.get(key)
+            if not isinstance(value, str):
+                skip(MISSING_KEY, n, f"no string {key!r}")
+                continue
+            text, reason = cleaner.clean(value)
+            if text is None:
+                skip(reason, n, f"{key!r}: {value[:40]!r}")
+            else:
+                docs[key].append((n, text))
+    outputs = {}
+    for key, kept in docs.items():
+        texts = [t for _, t in kept]
+        parts = [split_sentences(t) for t in texts] if cfg.split_sentences else [[t] for t in texts]
+        tokens, item_lengths, doc_items, keep = _tokenize(
+            [s for p in parts for s in p], [len(p) for p in parts], cfg.append_eod,
+            _W["tok"].eos_id)
+        for (n, t), ok in zip(kept, keep):
+            if not ok:
+                skip(EMPTY_TEXT, n, repr(t[:40]))
+        texts = [t for t, ok in zip(texts, keep) if ok]
+        outputs[key] = Output(tokens, item_lengths, doc_items,
+                              [n for (n, _), ok in zip(kept, keep) if ok],
+                              [digest(t) for t in texts],
+                              minhash(texts) if cfg.near_dedup else None)
+    return ChunkResult(chunk.path, len(lines), chunk.end - chunk.start, outputs, skipped, examples)
+
+
+def process_image_chunk(chunk: Chunk) -> ChunkResult:
+    cfg, cleaner = _W["cfg"], _W["caption"]
+    key, base_dir = cfg.json_keys[0], os.path.dirname(os.path.abspath(chunk.path))
+    lines = read_lines(chunk)
+    skipped, examples = Counter(), []
+    captions, images, line_of = [], [], []
+    for n, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        obj, reason, detail = _parse(raw)
+        if obj is None:
+            pass
+        elif not isinstance(obj.get(key), str) or not isinstance(obj.get(cfg.image_key), str):
+            reason, detail = MISSING_KEY, f"needs string {key!r} and {cfg.image_key!r}"
+        else:
+            caption, reason = cleaner.clean(obj[key])
+            detail = repr(obj[key][:40])
+            if caption is not None:
+                data, reason = load_image_bytes(obj[cfg.image_key], base_dir)
+                detail = obj[cfg.image_key][:60]
+                if data is not None:
+                    jpeg, reason = prepare_image(data, cfg.image_size, cfg.jpeg_quality,
+                                                 cfg.min_image_size, cfg.max_aspect_ratio)
+                    if jpeg is not None:
+                        captions.append(caption)
+                        images.append(jpeg)
+                        line_of.append(n)
+                        continue
+        skipped[reason] += 1
+        if skipped[reason] <= EXAMPLES_PER_REASON:
+            examples.append((reason, n, detail))
+    tokens, lengths, doc_items, keep = _tokenize(captions, [1] * len(captions), cfg.append_eod,
+                                                 _W["tok"].eos_id)
+    for n, ok in zip(line_of, keep):
+        if not ok:
+            skipped[EMPTY_TEXT] += 1
+    out = Output(tokens, lengths, doc_items, [n for n, ok in zip(line_of, keep) if ok],
+                 images=[im for im, ok in zip(images, keep) if ok])
+    return ChunkResult(chunk.path, len(lines), chunk.end - chunk.start, {key: out}, skipped,
+                       examples)
+
+
+# -- the writer process -------------------------------------------------------------------------
+def _write(writer: IndexedDatasetWriter, out: Output, keep: np.ndarray) -> None:
+    """Append the kept documents of a chunk: one bulk write for text, item by item with images."""
+    if out.images:
+        offsets = np.concatenate([[0], np.cumsum(out.item_lengths)])
+        for i in np.flatnonzero(keep).tolist():
+            writer.add_item(out.tokens[offsets[i]:offsets[i + 1]])
+            writer.add_image(out.images[i])
+            writer.end_document()
+        return
+    item_keep = np.repeat(keep, out.doc_items)
+    token_keep = np.repeat(item_keep, out.item_lengths)
+    writer.add_documents(out.tokens[token_keep], out.item_lengths[item_keep],
+                         out.doc_items[keep])
+
+
+def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, position: int,
+                   log=None) -> Stats:
+    """Process chunks with a pool of cfg.workers and write the outputs named with suffix."""
+    from tqdm import tqdm
+
+    log = log or (lambda s: tqdm.write(s, file=sys.stderr))
+    stats = Stats()
+    names = cfg.output_names()
+    dedup = {k: Deduplicator(cfg.exact_dedup and not cfg.image_key,
+                             cfg.near_dedup and not cfg.image_key) for k in names}
+    line_base: Counter = Counter()
+    start = time.perf_counter()
+    bar = tqdm(total=sum(c.end - c.start for c in chunks), unit="B", unit_scale=True,
+               desc=f"part {position}" if suffix else "preprocess", position=position,
+               disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
+    last_log = 0
+    logged: Counter = Counter()
+    work = process_image_chunk if cfg.image_key else process_text_chunk
+    dtype = (MULTIMODAL_DTYPE if cfg.image_key
+             else token_dtype(M6Tokenizer.from_vocab_file(cfg.vocab_file).vocab_size))
+    no_bands = np.zeros(1, np.uint64)
+    with ExitStack() as stack:
+        writers = {k: stack.enter_context(IndexedDatasetWriter(name + suffix, dtype,
+                                                               bool(cfg.image_key)))
+                   for k, name in names.items()}
+        pool = stack.enter_context(Pool(cfg.workers, _init_worker, (cfg,)))
+        for res in pool.imap(work, chunks):
+            base = line_base[res.path] + 1  # 1-based line numbers
+            line_base[res.path] += res.num_lines
+            stats.lines += res.num_lines
+            stats.bytes += res.num_bytes
+            for reason, n, detail in res.examples:
+                if logged[reason] < EXAMPLES_PER_REASON:
+                    logged[reason] += 1
+                    stats.examples.append((reason, res.path, base + n, detail))
+                    log(f"skipped ({reason}) {res.path}:{base + n}: {detail}")
+            stats.skipped.update(res.skipped)
+            for key, out in res.outputs.items():
+                keep = np.ones(len(out.doc_items), dtype=bool)
+                for j, key_j in enumerate(out.digests):
+                    reason = (dedup[key].check(key_j, no_bands) if out.minhash is None else
+                              dedup[key].check(key_j, out.minhash[0][j], out.minhash[1][j]))
+                    if reason:
+                        keep[j] = False
+                        stats.skipped[reason] += 1
+                _write(writers[key], out, keep)
+                name = names[key]
+                stats.documents[name] += int(keep.sum())
+                stats.items[name] += int(out.doc_items[keep].sum())
+                stats.tokens[name] += int(np.repeat(keep, out.doc_items) @ out.item_lengths)
+                if out.images:
+                    stats.images += int(keep.sum())
+            bar.update(res.num_bytes)
+            docs = sum(stats.documents.values())
+            if docs - last_log >= cfg.log_interval:
+                last_log = docs
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{docs / elapsed:.0f} docs/s, {stats.bytes / elapsed / 1e6:.1f} "
+                                    f"MB/s, {stats.images / elapsed:.0f} images/s", refresh=False)
+        pool.close()
+        pool.join()
+    bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _partition_entry(args: tuple) -> Stats:
+    cfg, chunks, suffix, position = args
+    return _run_partition(cfg, chunks, suffix, position)
+
+
+def preprocess(cfg: PreprocessConfig) -> Stats:
+    """Build the output datasets of cfg; returns the counts for the report."""
+    if cfg.workers < 1 or cfg.partitions < 1:
+        raise ValueError("--workers and --partitions must be at least 1")
+    if cfg.image_key and len(cfg.json_keys) != 1:
+        raise ValueError("image-text pairs take one --json-keys entry, the caption")
+    M6Tokenizer.from_vocab_file(cfg.vocab_file)  # fail now, not in every worker
+    files = expand_inputs(cfg.inputs)
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    chunk_bytes = cfg.chunk_bytes or (IMAGE_CHUNK_BYTES if cfg.image_key else TEXT_CHUNK_BYTES)
+    chunks = make_chunks(files, chunk_bytes)
+    start = time.perf_counter()
+    if cfg.partitions == 1:
+        stats = _run_partition(cfg, chunks, "", 0)
+    else:
+        parts = [chunks[len(chunks) * k // cfg.partitions:len(chunks) * (k + 1) // cfg.partitions]
+                 for k in range(cfg.partitions)]
+        sub = replace(cfg, workers=max(1, cfg.workers // cfg.partitions))
+        jobs = [(sub, part, f"_part{k}", k) for k, part in enumerate(parts)]
+        stats = Stats()
+        try:
+            with ProcessPoolExecutor(cfg.partitions) as ex:
+                for part_stats in ex.map(_partition_entry, jobs):
+                    stats.add(part_stats)
+            for name in cfg.output_names().values():
+                merge_datasets([name + f"_part{k}" for k in range(cfg.partitions)], name)
+        finally:
+            for name in cfg.output_names().values():
+                for k in range(cfg.partitions):
+                    for ext in (".bin", ".idx"):
+                        if os.path.exists(f"{name}_part{k}{ext}"):
+                            os.remove(f"{name}_part{k}{ext}")
+    stats.files = len(files)
+    if empty:
+        stats.skipped[EMPTY_FILE] += len(empty)
+        for f in empty[:EXAMPLES_PER_REASON]:
+            stats.examples.append((EMPTY_FILE, f, 0, "no bytes"))
+            print(f"skipped ({EMPTY_FILE}) {f}", file=sys.stderr)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def format_report(stats: Stats) -> str:
+    """The final summary: what was kept per output, what was skipped per reason, and the rates."""
+    rows = [("kept", name, f"{stats.documents[name]:,} documents, {stats.items[name]:,} items, "
+                           f"{stats.tokens[name]:,} tokens") for name in stats.documents]
+    if stats.images:
+        rows.append(("kept", "images", f"{stats.images:,}"))
+    rows += [("skipped", reason, f"{count:,}") for reason, count in sorted(stats.skipped.items())]
+    if not stats.skipped:
+        rows.append(("skipped", "-", "0"))
+    s = max(stats.seconds, 1e-9)
+    docs = sum(stats.documents.values())
+    rows.append(("input", f"{stats.files} files, {stats.lines:,} lines",
+                 f"{stats.bytes / 1e6:.1f} MB in {stats.seconds:.1f} s: {stats.bytes / s / 1e6:.2f} "
+                 f"MB/s, {docs / s:.0f} docs/s, {stats.images / s:.0f} images/s"))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)

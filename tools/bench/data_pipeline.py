@@ -1,0 +1,204 @@
+"""Data pipeline throughput: corpus building (text MB/s, images/s) and the training data loader.
+
+    python tools/bench/data_pipeline.py            # make bench-data
+
+Measures, on data generated here (nothing downloaded):
+- Chinese text through tools/preprocess_data.py's engine (parse, NFKC, cleaning, dedup, tokenise,
+  write) with 1 and 2 workers, beside a plain-Python tokenising baseline (a character loop with a
+  Python WordPiece) in this process;
+- image-text pairs at 224 px (decode 640x480 JPEGs, resize, crop, re-encode) per worker, beside a
+  plain Pillow baseline (full-size decode, one-step resize);
+- samples/s of the training DataLoader over the resulting indexed datasets (five tasks mixed,
+  seq 512, 224 px images decoded in the workers) with 1 and 2 workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import unicodedata
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from megatron_m6.data.dataset import M6PretrainDataset, build_data_loader  # noqa: E402
+from megatron_m6.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from megatron_m6.data.sample_data import PARAGRAPHS, make_text_corpus  # noqa: E402
+from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer  # noqa: E402
+
+
+def make_text(path: str, megabytes: float, seed: int = 0) -> None:
+    """Distinct documents of 10-30 sentences drawn from the sample corpus, about `megabytes` of
+    UTF-8 (mostly Chinese, some digits and Latin words)."""
+    rng = random.Random(seed)
+    pool = [s + "。" for p in PARAGRAPHS for s in p.split("。") if s] + make_text_corpus(500, seed)
+    size = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < megabytes * 1e6:
+            doc = "".join(rng.choice(pool) for _ in range(rng.randint(10, 30)))
+            line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
+            f.write(line)
+            size += len(line.encode())
+
+
+def make_images(folder: str, n_files: int, n_lines: int, seed: int = 0) -> str:
+    """n_files 640x480 JPEGs (gradients, shapes, light noise) and a jsonl of n_lines pairs."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "img"), exist_ok=True)
+    y, x = np.mgrid[0:480, 0:640]
+    for k in range(n_files):
+        base = np.stack([(x * (k + 1)) % 256, (y * 2 + k * 20) % 256, (x + y) % 256], -1)
+        pixels = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        img = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(img)
+        for _ in range(5):
+            x0, y0 = int(rng.integers(0, 560)), int(rng.integers(0, 400))
+            draw.ellipse((x0, y0, x0 + 80, y0 + 80), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        img.save(os.path.join(folder, "img", f"{k}.jpg"), quality=90)
+    path = os.path.join(folder, "pairs.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n_lines):
+            f.write(json.dumps({"image": f"img/{i % n_files}.jpg", "text": f"第{i}张图片上有圆形"},
+                               ensure_ascii=False) + "\n")
+    return path
+
+
+def python_tokenize(text: str, vocab: dict[str, int], unk: int) -> list[int]:
+    """Baseline: M6's tokenisation as a plain Python loop over characters."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    ids, word = [], []
+
+    def flush() -> None:
+        w = "".join(word)
+        start = 0
+        while start < len(w):
+            end = len(w)
+            while end > start:
+                piece = w[start:end] if start == 0 else "##" + w[start:end]
+                if piece in vocab:
+                    ids.append(vocab[piece])
+                    break
+                end -= 1
+            else:
+                ids.append(unk)
+                break
+            start = end
+        word.clear()
+
+    for ch in text:
+        if ch.isspace():
+            flush()
+        elif "\u4e00" <= ch <= "\u9fff" or unicodedata.category(ch).startswith("P"):
+            flush()
+            ids.append(vocab.get(ch, unk))
+        else:
+            word.append(ch)
+    flush()
+    return ids
+
+
+def bench_text(tmp: str, megabytes: float) -> dict:
+    path = os.path.join(tmp, "zh.jsonl")
+    make_text(path, megabytes)
+    size = os.path.getsize(path) / 1e6
+    out = {"input_mb": round(size, 1)}
+    for workers in (1, 2):
+        start = time.perf_counter()
+        stats = preprocess(PreprocessConfig(inputs=[path], output_prefix=os.path.join(tmp, f"zh{workers}"),
+                                            workers=workers, progress=False))
+        out[f"mb_per_s_{workers}_workers"] = round(size / (time.perf_counter() - start), 2)
+        out["documents_kept"] = sum(stats.documents.values())
+        out["skipped"] = dict(stats.skipped)
+    # Tokenising alone, one process: M6Tokenizer.encode_batch against the plain-Python loop.
+    with open(path, encoding="utf-8") as f:
+        texts = [json.loads(next(f))["text"] for _ in range(2000)]
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    tok = M6Tokenizer.from_vocab_file(DEFAULT_VOCAB_FILE)
+    start = time.perf_counter()
+    tok.encode_batch(texts)
+    out["mb_per_s_tokenize_only"] = round(mb / (time.perf_counter() - start), 2)
+    vocab = {t: i for i, t in enumerate(open(DEFAULT_VOCAB_FILE, encoding="utf-8").read().split("\n"))}
+    start = time.perf_counter()
+    for text in texts:
+        python_tokenize(text, vocab, vocab["[UNK]"])
+    out["mb_per_s_tokenize_python_baseline"] = round(mb / (time.perf_counter() - start), 2)
+    return out
+
+
+def plain_image(path: str, size: int) -> bytes:
+    """Baseline: decode at full size, convert, one-step resize, crop, encode."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        buf = io.BytesIO()
+        img.crop((left, top, left + size, top + size)).save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+
+def bench_images(tmp: str, n: int) -> dict:
+    folder = os.path.join(tmp, "images")
+    src = make_images(folder, 32, n)
+    out = {"images": n, "source": "640x480 JPEG", "size": 224}
+    for workers in (1, 2):
+        start = time.perf_counter()
+        preprocess(PreprocessConfig(inputs=[src], output_prefix=os.path.join(tmp, f"pairs{workers}"),
+                                    image_key="image", image_size=224, workers=workers,
+                                    progress=False))
+        rate = n / (time.perf_counter() - start)
+        out[f"images_per_s_{workers}_workers"] = round(rate)
+        out[f"images_per_s_per_worker_{workers}_workers"] = round(rate / workers)
+    start = time.perf_counter()
+    for i in range(200):
+        plain_image(os.path.join(folder, "img", f"{i % 32}.jpg"), 224)
+    out["images_per_s_plain_baseline"] = round(200 / (time.perf_counter() - start))
+    return out
+
+
+def bench_loader(tmp: str, batches: int) -> dict:
+    tok = M6Tokenizer.from_vocab_file(DEFAULT_VOCAB_FILE)
+    path = [os.path.join(tmp, "zh1_text_document"), os.path.join(tmp, "pairs1_text_image")]
+    batch = 16
+    ds = M6PretrainDataset(path, tok, 512, 49, 224, None, 0, batch * (batches + 2))
+    out = {"seq_length": 512, "image_size": 224, "micro_batch_size": batch}
+    for workers in (1, 2):
+        loader = iter(build_data_loader(ds, batch, 512, tok.pad_id, 224, 0, workers))
+        next(loader)  # workers started, first batch out
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(loader)
+        out[f"samples_per_s_{workers}_workers"] = round(batches * batch / (time.perf_counter() - start))
+        del loader
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--text-mb", type=float, default=20.0, help="size of the generated text corpus")
+    p.add_argument("--images", type=int, default=600, help="image-text pairs to preprocess")
+    p.add_argument("--batches", type=int, default=30, help="loader batches timed per setting")
+    p.add_argument("--json", help="also write the numbers here")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {"cpu_cores": os.cpu_count(), "text": bench_text(tmp, args.text_mb),
+                   "images": bench_images(tmp, args.images), "loader": bench_loader(tmp, args.batches)}
+    for part, numbers in results.items():
+        print(part, numbers if not isinstance(numbers, dict) else
+              "  ".join(f"{k}={v}" for k, v in numbers.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

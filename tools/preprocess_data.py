@@ -1,0 +1,103 @@
+"""Turn raw Chinese text or image-text pairs (jsonl) into Megatron indexed datasets for M6.
+
+    python tools/preprocess_data.py --input corpus/ --output-prefix data/zh --workers 2 \\
+        --split-sentences --append-eod                       # -> data/zh_text_sentence.{bin,idx}
+    python tools/preprocess_data.py --input pairs.jsonl --output-prefix data/pairs \\
+        --image-key image --image-size 224                   # -> data/pairs_text_image.{bin,idx}
+
+Megatron's flags where they exist (--input, --output-prefix, --json-keys, --tokenizer-type,
+--vocab-file, --append-eod, --split-sentences, --workers, --partitions, --log-interval), plus the
+M6 corpus cleaning and image options. Bad lines and images are skipped, counted and reported;
+outputs appear only complete. Formats and rules: docs/DATA.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # uninstalled repo
+
+from megatron_m6.data.cleaning import CleaningConfig  # noqa: E402
+from megatron_m6.data.preprocess import PreprocessConfig, format_report, preprocess  # noqa: E402
+from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE  # noqa: E402
+
+# M6's tokenizer is BERT's lower-cased WordPiece with every CJK character split out, so Megatron's
+# name for that tokenizer is accepted as an alias.
+TOKENIZER_TYPES = ("M6Tokenizer", "BertWordPieceLowerCase")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    g = p.add_argument_group("input and output")
+    g.add_argument("--input", nargs="+", required=True,
+                   help="jsonl files, globs or folders (their *.jsonl/*.json)")
+    g.add_argument("--output-prefix", required=True,
+                   help="outputs are PREFIX_KEY_{document,sentence,image}.{bin,idx}")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="text fields, one output each (the caption field with --image-key)")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="one item per sentence (Chinese by punctuation, Latin by nltk Punkt)")
+    g.add_argument("--append-eod", action="store_true", help="end every document with [EOS]")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="M6Tokenizer")
+    g.add_argument("--vocab-file", default=DEFAULT_VOCAB_FILE,
+                   help="vocab.txt (default: the vocabulary shipped with megatron_m6)")
+    g = p.add_argument_group("cleaning (text)")
+    g.add_argument("--min-chars", type=int, default=10)
+    g.add_argument("--max-chars", type=int, default=100_000)
+    g.add_argument("--min-chinese-ratio", type=float, default=0.3,
+                   help="drop documents where CJK characters are fewer than this share of letters")
+    g.add_argument("--max-garbled-ratio", type=float, default=0.01)
+    g.add_argument("--traditional-to-simplified", action="store_true",
+                   help="convert with OpenCC (t2s) before every other rule")
+    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    g.add_argument("--no-near-dedup", action="store_true", help="keep near duplicates")
+    g = p.add_argument_group("image-text pairs")
+    g.add_argument("--image-key", help="field with the image: a path relative to the jsonl, or "
+                                       "base64; makes one multimodal output of [caption, image]")
+    g.add_argument("--image-size", type=int, default=224, help="resize and centre-crop to this")
+    g.add_argument("--jpeg-quality", type=int, default=90)
+    g.add_argument("--min-image-size", type=int, default=64, help="skip smaller images (px)")
+    g.add_argument("--max-aspect-ratio", type=float, default=3.0, help="skip more elongated images")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="processes that clean and tokenise")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="independent writers, each with workers/partitions workers, merged at "
+                        "the end (deduplication is then within a partition)")
+    g.add_argument("--log-interval", type=int, default=1000,
+                   help="documents between progress rate updates")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not 1 <= a.jpeg_quality <= 100 or a.image_size < 8 or a.workers < 1 or a.partitions < 1:
+        p.error("need 1 <= --jpeg-quality <= 100, --image-size >= 8, --workers >= 1, --partitions >= 1")
+    if a.image_key and len(a.json_keys) != 1:
+        p.error("with --image-key, --json-keys names one field: the caption")
+    cfg = PreprocessConfig(
+        inputs=a.input, output_prefix=a.output_prefix, json_keys=a.json_keys,
+        vocab_file=a.vocab_file, append_eod=a.append_eod, split_sentences=a.split_sentences,
+        workers=a.workers, partitions=a.partitions, log_interval=a.log_interval,
+        cleaning=CleaningConfig(a.min_chars, a.max_chars, a.min_chinese_ratio,
+                                a.max_garbled_ratio, a.traditional_to_simplified),
+        exact_dedup=not a.no_dedup, near_dedup=not a.no_near_dedup, image_key=a.image_key,
+        image_size=a.image_size, jpeg_quality=a.jpeg_quality, min_image_size=a.min_image_size,
+        max_aspect_ratio=a.max_aspect_ratio, progress=not a.no_progress)
+    try:
+        stats = preprocess(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        sys.exit(130)
+    print(format_report(stats))
+
+
+if __name__ == "__main__":
+    main()
