@@ -91,3 +91,9 @@ def test_loading_into_a_different_model_is_refused(tmp_path):
     cfg.model.num_layers = 3
     with pytest.raises(CheckpointError, match="num_layers"):
         run(cfg, log=lambda s: None)
+
+
+def test_resuming_with_another_kernel_backend_is_allowed(tmp_path):
+    quiet_run(["--train-iters", "1", "--save", str(tmp_path), "--attention-backend", "sdpa"])
+    trainer = quiet_run(["--train-iters", "2", "--load", str(tmp_path), "--attention-backend", "auto"])
+    assert trainer.iteration == 2

@@ -9,14 +9,17 @@ attention mask. The loss is cross entropy on target tokens only.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.model.attention import attention
-from megatron_m6.model.moe import MoEMLP
+from megatron_m6.model.moe import GroupedExperts, MoEMLP
 from megatron_m6.model.resnet import ResNetFeatures
 
 IMAGE, SOURCE, TARGET = 0, 1, 2  # modality (segment) ids
@@ -61,7 +64,8 @@ class SelfAttention(nn.Module):
             cache.v[layer][:, :, start:start + S] = v
             k, v = cache.k[layer][:, :, :start + S], cache.v[layer][:, :, :start + S]
         dropout = self.cfg.attention_dropout if self.training else 0.0
-        out = attention(q, k, v, prefix_len, valid_len, q_start=start, dropout_p=dropout)
+        out = attention(q, k, v, prefix_len, valid_len, q_start=start, dropout_p=dropout,
+                        backend=self.cfg.attention_backend)
         return self.proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -95,6 +99,14 @@ class Block(nn.Module):
         return x + self.dropout(out), aux
 
 
+def text_positions(has_image: torch.Tensor, seq_len: int, num_image_tokens: int,
+                   start: int = 0) -> torch.Tensor:
+    """Position ids [B, S]: text positions start after the image; image tokens get 0 (they have
+    their own 2-D row/column embedding)."""
+    seq = torch.arange(start, start + seq_len, device=has_image.device).expand(len(has_image), seq_len)
+    return (seq - has_image.long()[:, None] * num_image_tokens).clamp(min=0)
+
+
 class Embedding(nn.Module):
     """Everything before the first block: image patch tokens, text token, position and modality
     embeddings. Returns the input sequence and the text positions (for rotary embeddings)."""
@@ -120,9 +132,8 @@ class Embedding(nn.Module):
         B, S = tokens.shape
         P = self.cfg.num_image_tokens
         seq = torch.arange(start, start + S, device=tokens.device).expand(B, S)
-        n_img = has_image.long()[:, None] * P
-        is_image = seq < n_img
-        positions = (seq - n_img).clamp(min=0)  # text positions start after the image
+        is_image = seq < has_image.long()[:, None] * P
+        positions = text_positions(has_image, S, P, start)
         modality = torch.where(is_image, IMAGE, torch.where(seq < prefix_len[:, None], SOURCE, TARGET))
         x = self.word_emb(tokens) + self.modality_emb(modality)
         if self.cfg.position_embedding_type == "learned_absolute":
@@ -151,29 +162,10 @@ class M6(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, i + 1) for i in range(cfg.num_layers)})
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.reset_parameters()
         if not cfg.untie_embeddings_and_output_weights:
             self.lm_head.weight = self.embedding.word_emb.weight
-
-    def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, std) for linear and embedding weights, residual output projections
-        scaled by 1/sqrt(2 * layers); the ResNet keeps its own (Kaiming) initialisation."""
-        std = self.cfg.init_method_std
-        for name, module in self.named_modules():
-            if name.startswith("embedding.image_encoder"):
-                continue
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for layer in self.layers.values():
-            nn.init.normal_(layer.attn.proj.weight, 0.0, out_std)
-            if isinstance(layer.mlp, MoEMLP):
-                nn.init.normal_(layer.mlp.experts.w1, 0.0, std)
-                nn.init.normal_(layer.mlp.experts.w2, 0.0, out_std)
-            else:
-                nn.init.normal_(layer.mlp.fc2.weight, 0.0, out_std)
+        if self.lm_head.weight.device.type != "meta":  # on meta, the caller initialises later
+            init_weights(self, cfg, seed=0)
 
     def forward(self, tokens: torch.Tensor, prefix_len: torch.Tensor, valid_len: torch.Tensor,
                 images: torch.Tensor | None = None, has_image: torch.Tensor | None = None,
@@ -190,6 +182,80 @@ class M6(nn.Module):
             x, aux = layer(x, positions, prefix_len, valid_len, cache, start)
             aux_total = aux_total + aux
         return self.lm_head(self.final_norm(x)), aux_total
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Initialise `model` (M6, or a pipeline stage holding some of its modules under the same
+    names) from each parameter's name and `seed` alone: every layout, and a stage materialised
+    from the meta device, starts from the weights of one process.
+
+    GPT-2 style: N(0, std) for linear and embedding weights, N(0, std / sqrt(2 * layers)) for the
+    residual output projections (attn.proj, mlp.fc2, experts.w2), zero biases, unit norms; the
+    ResNet's convolutions He-initialised (fan-out) as torchvision does. Numbers are drawn on the
+    CPU, so they do not depend on the device either. A parameter already sharded (a DTensor)
+    receives its slice of the same global tensor; stacked experts are drawn expert by expert, so a
+    rank draws only the experts it holds."""
+    std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
+    tied = not cfg.untie_embeddings_and_output_weights
+
+    def draw(key: str, shape, fill) -> torch.Tensor:
+        t = torch.empty(shape)
+        fill(t, torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode())))
+        return t
+
+    def assign(p: torch.Tensor, key: str, fill, per_expert: bool = False) -> None:
+        if not isinstance(p, DTensor):
+            rows = [draw(f"{key}.{e}", p.shape[1:], fill) for e in range(p.shape[0])] if per_expert else None
+            p.copy_(torch.stack(rows) if per_expert else draw(key, p.shape, fill))
+            return
+        if per_expert and all(type(pl) in (Shard, Replicate) for pl in p.placements):
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            full_rows = torch.stack([draw(f"{key}.{e}", p.shape[1:], fill)
+                                     for e in range(offset[0], offset[0] + shape[0])])
+            index = (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset[1:], shape[1:]))
+            p.to_local().copy_(full_rows[index])
+            return
+        full = (torch.stack([draw(f"{key}.{e}", p.shape[1:], fill) for e in range(p.shape[0])])
+                if per_expert else draw(key, p.shape, fill))
+        # Every rank drew the same tensor: each keeps its own piece, no communication.
+        p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+
+    def normal(sd: float):
+        return lambda t, g: nn.init.normal_(t, 0.0, sd, generator=g)
+
+    def he(t, g):
+        return nn.init.kaiming_normal_(t, mode="fan_out", nonlinearity="relu", generator=g)
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            name = name.replace("_checkpoint_wrapped_module.", "")  # recomputation wrappers
+            if isinstance(module, nn.Conv2d):
+                assign(module.weight, f"{name}.weight", he)
+            elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+                if isinstance(module, nn.BatchNorm2d):
+                    module.reset_running_stats()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                residual = name.endswith(("attn.proj", "mlp.fc2"))
+                key = "embedding.word_emb" if tied and name.endswith("lm_head") else name
+                assign(module.weight, f"{key}.weight", normal(out_std if residual else std))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, GroupedExperts):  # expert by expert: a shard can draw its own
+                for leaf, sd in (("w1", std), ("w2", out_std)):
+                    assign(getattr(module, leaf), f"{name}.{leaf}", normal(sd), per_expert=True)
+                module.b1.zero_()
+                module.b2.zero_()
+
+
+def materialize(model: nn.Module, cfg: ModelConfig, device: torch.device, seed: int) -> None:
+    """Allocate a meta-device M6 (or pipeline stage) on `device` and initialise it. to_empty()
+    gives the two ends of the tied embedding separate storage, so the tie is made again."""
+    model.to_empty(device=device)
+    if not cfg.untie_embeddings_and_output_weights and hasattr(model, "embedding") and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.embedding.word_emb.weight
+    init_weights(model, cfg, seed)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

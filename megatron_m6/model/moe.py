@@ -9,6 +9,12 @@ Routing, as in the paper family:
 
 Dispatch is the sort-based "permute -> grouped GEMM -> unpermute and combine" pipeline, the same
 whether or not tokens are dropped; dropping only removes assignments before the sort.
+
+Two implementations, chosen by `ModelConfig.moe_dispatch_backend` (`--moe-dispatch-backend`):
+"torch" (route() + argsort + index_add: the reference) and "fused" (m6_kernels.moe: Triton
+gating with capacity positions, permute, unpermute-and-combine; no sort). "auto" is fused on CUDA
+when Triton is there, torch otherwise. The expert GEMMs are grouped (torch._grouped_mm) for bf16
+on CUDA, one matmul per expert elsewhere.
 """
 
 from __future__ import annotations
@@ -19,8 +25,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from megatron_m6.config import ModelConfig
+
+try:
+    from m6_kernels import runtime as kernel_runtime
+except ImportError:  # kernels/ neither installed nor on the path: PyTorch only
+    kernel_runtime = None
+
+MOE_DISPATCH_BACKENDS = ("auto", "fused", "torch")
 
 
 @dataclass
@@ -31,6 +45,29 @@ class Routing:
     expert_idx: torch.Tensor  # [N] expert of each kept assignment
     gate: torch.Tensor  # [N] combine weight of each kept assignment
     aux_loss: torch.Tensor  # scalar: load balancing (+ z-loss), already weighted by coefficients
+
+
+def router_topk(cfg: ModelConfig) -> int:
+    """Picks per token: one per group under expert prototyping, else the top-k."""
+    return cfg.moe_expert_prototypes if cfg.moe_expert_prototypes > 1 else cfg.moe_router_topk
+
+
+def expert_capacity(cfg: ModelConfig, num_tokens: int) -> int | None:
+    """Most picks an expert keeps out of `num_tokens` tokens; None when dropless."""
+    if cfg.moe_capacity_factor is None:
+        return None
+    return math.ceil(cfg.moe_capacity_factor * num_tokens * router_topk(cfg) / cfg.num_experts)
+
+
+def aux_loss(probs: torch.Tensor, picks_per_expert: torch.Tensor, lse: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Switch load balancing, E * sum_e (fraction of picks to e) * (mean router prob of e), plus
+    the router z-loss (mean squared logsumexp of the logits), each times its coefficient."""
+    E = probs.shape[1]
+    picks = picks_per_expert.float()
+    aux = E * torch.sum(picks / picks.sum() * probs.mean(0)) * cfg.moe_aux_loss_coeff
+    if cfg.moe_z_loss_coeff:
+        aux = aux + cfg.moe_z_loss_coeff * lse.square().mean()
+    return aux
 
 
 def route(logits: torch.Tensor, cfg: ModelConfig) -> Routing:
@@ -50,20 +87,16 @@ def route(logits: torch.Tensor, cfg: ModelConfig) -> Routing:
         if cfg.moe_router_topk > 1:
             gate = gate / gate.sum(-1, keepdim=True)
     k = expert.shape[1]
-
-    # Switch load-balancing loss: E * sum_e (fraction of picks to e) * (mean router prob of e).
     picks_per_expert = torch.zeros(E, device=logits.device).index_add_(
         0, expert.reshape(-1), torch.ones(T * k, device=logits.device))
-    aux = E * torch.sum(picks_per_expert / (T * k) * probs.mean(0)) * cfg.moe_aux_loss_coeff
-    if cfg.moe_z_loss_coeff:
-        aux = aux + cfg.moe_z_loss_coeff * torch.logsumexp(logits, -1).square().mean()
+    aux = aux_loss(probs, picks_per_expert, torch.logsumexp(logits, -1), cfg)
 
     # Assignments in priority order: every token's first pick, then every token's second, ...
     expert_flat = expert.t().reshape(-1)
     gate_flat = gate.t().reshape(-1)
     token_flat = torch.arange(T, device=logits.device).repeat(k)
-    if cfg.moe_capacity_factor is not None:
-        capacity = math.ceil(cfg.moe_capacity_factor * T * k / E)
+    capacity = expert_capacity(cfg, T)
+    if capacity is not None:
         one_hot = F.one_hot(expert_flat, E)
         position_in_expert = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
         keep = position_in_expert < capacity
@@ -81,14 +114,62 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn, hidden))
         self.b2 = nn.Parameter(torch.zeros(num_experts, hidden))
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    def _grouped_mm_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """bf16 when torch._grouped_mm runs this call: bf16 compute on a CUDA GPU of compute
+        capability 8.0 or newer, rows 16-byte aligned; None for the per-expert loop."""
+        if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+            return None
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+        aligned = self.w1.shape[1] % 8 == 0 and self.w1.shape[2] % 8 == 0
+        if dtype != torch.bfloat16 or not aligned or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return None
+        return dtype
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x: [N, hidden], rows grouped by expert in order, `tokens_per_expert[e]` rows each."""
+        # Under expert parallelism the weights are DTensor shards: compute with this rank's experts.
+        w1, b1, w2, b2 = (p.to_local() if isinstance(p, DTensor) else p
+                          for p in (self.w1, self.b1, self.w2, self.b2))
+        dtype = self._grouped_mm_dtype(x)
+        if dtype is not None:
+            # One launch for all experts, and no host sync: offsets stay on the device.
+            offs = tokens_per_expert.cumsum(0, dtype=torch.int32)
+            experts = torch.arange(len(tokens_per_expert), device=x.device)
+            row_expert = torch.repeat_interleave(experts, tokens_per_expert, output_size=x.shape[0])
+            h = torch._grouped_mm(x.to(dtype), w1.to(dtype), offs=offs) + b1[row_expert]
+            h = F.gelu(h).to(dtype)
+            return torch._grouped_mm(h, w2.to(dtype), offs=offs) + b2[row_expert]
         outputs = []
-        for e, chunk in enumerate(torch.split(x, tokens_per_expert)):
+        for e, chunk in enumerate(torch.split(x, tokens_per_expert.tolist())):
             if chunk.shape[0]:
-                h = F.gelu(chunk @ self.w1[e] + self.b1[e])
-                outputs.append(h @ self.w2[e] + self.b2[e])
-        return torch.cat(outputs) if outputs else x.new_zeros(0, self.w2.shape[-1])
+                h = F.gelu(chunk @ w1[e] + b1[e])
+                outputs.append(h @ w2[e] + b2[e])
+        return torch.cat(outputs) if outputs else x.new_zeros(0, w2.shape[-1])
+
+
+def fused_dispatch_unavailable_reason(device: torch.device) -> str | None:
+    """None when the fused dispatch kernels run on `device`; otherwise why not."""
+    if kernel_runtime is None:
+        return "m6_kernels is not importable; run `make install`"
+    return kernel_runtime.unavailable_reason(device)
+
+
+def use_fused_dispatch(backend: str, device: torch.device) -> bool:
+    if backend not in MOE_DISPATCH_BACKENDS:
+        raise ValueError(f"MoE dispatch backend {backend!r} is not one of {', '.join(MOE_DISPATCH_BACKENDS)}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return False
+    return fused_dispatch_unavailable_reason(device) is None
+
+
+def resolve_moe_dispatch_backend(cfg: ModelConfig, device: torch.device) -> str:
+    """The MoE dispatch backend on `device`, as the log line says it (with why, on a fallback)."""
+    if use_fused_dispatch(cfg.moe_dispatch_backend, device):
+        return f"fused ({kernel_runtime.describe()})"
+    if cfg.moe_dispatch_backend == "fused":
+        return f"torch (no fused dispatch: {fused_dispatch_unavailable_reason(device)})"
+    return "torch"
 
 
 class MoEMLP(nn.Module):
@@ -104,12 +185,29 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        r = route(self.router(x), self.cfg)
+        logits = self.router(x)
+        if use_fused_dispatch(self.cfg.moe_dispatch_backend, x.device):
+            out, aux = self._forward_fused(x, logits)
+        else:
+            out, aux = self._forward_torch(x, logits)
+        return out.reshape(shape), aux
+
+    def _forward_torch(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = route(logits, self.cfg)
         # Permute: sort assignments by expert so each expert's tokens are contiguous.
         order = torch.argsort(r.expert_idx, stable=True)
         token_idx, gate = r.token_idx[order], r.gate[order]
         counts = torch.bincount(r.expert_idx, minlength=self.cfg.num_experts)
-        y = self.experts(x[token_idx], counts.tolist())
+        y = self.experts(x[token_idx], counts)
         # Unpermute and combine: each token sums its experts' outputs weighted by the gates.
         out = torch.zeros_like(x).index_add_(0, token_idx, (y * gate[:, None]).to(x.dtype))
-        return out.reshape(shape), r.aux_loss
+        return out, r.aux_loss
+
+    def _forward_fused(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from m6_kernels.moe import permute, topk_gating, unpermute
+
+        d = topk_gating(logits, router_topk(self.cfg), self.cfg.moe_expert_prototypes,
+                        expert_capacity(self.cfg, x.shape[0]))
+        y = self.experts(permute(x, d.dest, d.num_rows), d.tokens_per_expert)
+        out = unpermute(y, d.dest, d.gate, x.dtype)
+        return out, aux_loss(d.probs, d.picks_per_expert, d.lse, self.cfg)

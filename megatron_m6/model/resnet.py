@@ -78,9 +78,6 @@ class ResNetFeatures(nn.Module):
                 in_ch = stage_width * block.expansion
             setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
         self.out_channels = in_ch
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

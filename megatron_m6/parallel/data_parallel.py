@@ -8,7 +8,9 @@
 - full: FSDP2 / ZeRO-3: parameters are gathered per block for forward and again for backward.
 
 Gradients are averaged over data-parallel ranks; the trainer scales each rank's loss by the DP
-size so that the average equals the gradient of the global-batch loss.
+size so that the average equals the gradient of the global-batch loss. Expert weights under
+expert parallelism are reduced over expert-data-parallel ranks only, but still divided by the
+full DP size: each one's local gradient already sums the contributions of its EP group.
 """
 
 from __future__ import annotations
@@ -20,15 +22,27 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from megatron_m6.model.moe import MoEMLP
+from megatron_m6.parallel.expert_parallel import is_expert_param
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,
-               bf16: bool) -> None:
-    """Shard each block, then the rest of the model, over the data-parallel mesh."""
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh,
+               reshard_after_forward: bool, bf16: bool) -> None:
+    """Shard each block, then the rest of the model, over the data-parallel mesh; experts that
+    expert parallelism already split are sharded over the expert-data-parallel mesh (FSDP then
+    averages their gradients over edp only: the caller divides them by ep as well)."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                   reduce_dtype=torch.float32)
     for block in model.layers.values():
+        for module in block.modules():
+            if isinstance(module, MoEMLP) and is_expert_param(module.experts.w1):
+                fully_shard(module.experts, mesh=edp_mesh, reshard_after_forward=reshard_after_forward,
+                            mp_policy=policy)
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    # A rank whose micro-batch has no image never touches the image encoder: reduce zeros for
+    # it rather than skip it, or the ranks' reduce-scatters would not match.
+    model.set_reduce_scatter_unused_params(True)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -45,13 +59,18 @@ class GradAllReduce:
     applies the same update.
     """
 
-    def __init__(self, model: nn.Module, group: dist.ProcessGroup, overlap: bool,
-                 bucket_bytes: int = 32 * 2**20):
-        self.group, self.size = group, dist.get_world_size(group)
-        self.buckets: list[list[nn.Parameter]] = [[]]
+    def __init__(self, model: nn.Module, dp_group: dist.ProcessGroup, edp_group: dist.ProcessGroup,
+                 overlap: bool, bucket_bytes: int = 32 * 2**20):
+        self.size = dist.get_world_size(dp_group)  # the divisor, for expert weights too
+        # Buckets of one group each: (group, parameters).
+        self.buckets: list[list[nn.Parameter]] = []
+        self.groups: list[dist.ProcessGroup] = []
         for p in reversed([p for p in model.parameters() if p.requires_grad]):
-            if self.buckets[-1] and sum(q.numel() * 4 for q in self.buckets[-1]) + p.numel() * 4 > bucket_bytes:
+            group = edp_group if is_expert_param(p) else dp_group
+            full = self.buckets and sum(q.numel() * 4 for q in self.buckets[-1]) + p.numel() * 4 > bucket_bytes
+            if not self.buckets or full or self.groups[-1] is not group:
                 self.buckets.append([])
+                self.groups.append(group)
             self.buckets[-1].append(p)
         self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
         self.ready = [0] * len(self.buckets)
@@ -75,7 +94,7 @@ class GradAllReduce:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([_local(p.grad).reshape(-1).float() for p in self.buckets[index]])
-        self.pending.append((index, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        self.pending.append((index, flat, dist.all_reduce(flat, group=self.groups[index], async_op=True)))
         self.next_bucket = index + 1
 
     def before_backward(self, last_micro_batch: bool) -> None:

@@ -56,6 +56,12 @@ def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
         (cfg.sequence_parallel and tp == 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
         (cfg.sequence_parallel and cfg.seq_length % tp,
          f"--seq-length {cfg.seq_length} is not divisible by TP {tp} (sequence parallel)"),
+        (cfg.num_layers_per_virtual_pipeline_stage and pp == 1,
+         "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"),
+        (cfg.num_layers_per_virtual_pipeline_stage
+         and m.num_layers % (pp * cfg.num_layers_per_virtual_pipeline_stage),
+         f"--num-layers {m.num_layers} is not divisible by {pp} stages x "
+         f"{cfg.num_layers_per_virtual_pipeline_stage} layers per virtual stage"),
         (cfg.global_batch_size % (cfg.micro_batch_size * dims.dp),
          f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
          f"{cfg.micro_batch_size} x data-parallel size {dims.dp}"),
@@ -63,6 +69,10 @@ def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
     for failed, message in checks:
         if failed:
             raise ConfigError(message)
+    micro_per_rank = cfg.global_batch_size // (cfg.micro_batch_size * dims.dp)
+    if pp > 1 and micro_per_rank % pp:
+        raise ConfigError(f"{micro_per_rank} micro-batches per step per data-parallel rank must be a "
+                          f"multiple of the {pp} pipeline stages (raise --global-batch-size)")
     return dims
 
 

@@ -1,7 +1,7 @@
 """Apply a layout to a built model, and the few collective steps the trainer needs.
 
-`parallelize()` composes the plans in Megatron's order: tensor/sequence parallel, activation
-recomputation, then data parallel. The returned `ParallelState` is all the trainer knows about
+`parallelize()` composes the plans in Megatron's order on each pipeline stage (or the whole
+model): tensor/sequence parallel, expert parallel, activation recomputation, then data parallel. The returned `ParallelState` is all the trainer knows about
 parallelism; for one process every method is a no-op, so single-process and parallel training
 run the same code.
 """
@@ -21,9 +21,11 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megatron_m6.config import RunConfig
-from megatron_m6.model import M6
+from megatron_m6.model import materialize
 from megatron_m6.parallel.data_parallel import GradAllReduce, apply_fsdp
+from megatron_m6.parallel.expert_parallel import apply_expert_parallel, is_expert_param
 from megatron_m6.parallel.mesh import ParallelDims
+from megatron_m6.parallel.pipeline_parallel import PipelineRunner, tied_embedding_group
 from megatron_m6.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -33,6 +35,10 @@ class ParallelState:
     mesh: DeviceMesh | None = None
     grad_all_reduce: GradAllReduce | None = None
     fsdp: bool = False
+    pipeline: PipelineRunner | None = None
+    # Tied embedding under PP: this rank's copy, and the group of the first and last stage.
+    tied_weight: nn.Parameter | None = None
+    tied_group: dist.ProcessGroup | None = None
 
     @property
     def dp_group(self) -> dist.ProcessGroup | None:
@@ -63,20 +69,36 @@ class ParallelState:
         if self.fsdp:
             model.set_requires_gradient_sync(last_micro_batch)
 
-    def finish_grad_sync(self) -> None:
+    def finish_grad_sync(self, model: nn.Module) -> None:
+        for p in model.parameters():
+            # DTensor may return a gradient laid out unlike its parameter (the vocabulary-split
+            # embedding's comes back replicated): give every gradient its parameter's layout.
+            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
         if self.grad_all_reduce is not None:
             self.grad_all_reduce.finish()
+        if self.fsdp and self.dims.ep > 1:  # FSDP averaged expert gradients over edp, not dp
+            for p in model.parameters():
+                if p.grad is not None and is_expert_param(p):
+                    p.grad.div_(self.dims.ep)
+        if self.tied_group is not None:  # the tied weight's gradient: embedding + head parts
+            grad = self.tied_weight.grad
+            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tied_group)
 
     def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         """Global gradient norm over every rank's shards, then clip. Gradients may be plain
         tensors or DTensors on different meshes, so each one's norm is reduced on its own mesh."""
         squares = []
         for p in params:
-            if p.grad is None:
+            # The head's copy of a tied embedding is counted once, on the first stage.
+            if p.grad is None or (p is self.tied_weight and self.pipeline and not self.pipeline.is_first):
                 continue
             norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
             squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
-        total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+        total = torch.stack(squares).sum() if squares else torch.zeros((), device=params[0].device)
+        if self.pipeline is not None:
+            dist.all_reduce(total, group=self.pipeline.pp_group)
+        total = total.sqrt()
         if math.isfinite(max_norm):
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
             for p in params:
@@ -85,20 +107,38 @@ class ParallelState:
         return total
 
 
-def parallelize(model: M6, cfg: RunConfig, dims: ParallelDims, mesh: DeviceMesh | None) -> ParallelState:
+def parallelize(parts: list[nn.Module], cfg: RunConfig, dims: ParallelDims, mesh: DeviceMesh | None,
+                device: torch.device) -> ParallelState:
+    """Apply the layout to `parts` (the whole model, or this rank's pipeline stages) while they
+    are still on the meta device, then allocate and initialise only this rank's shards: a large
+    model is never materialised whole on one rank."""
     state = ParallelState(dims, mesh)
-    if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], cfg.sequence_parallel)
-    if cfg.recompute_granularity:
-        for name, block in list(model.layers.items()):
-            if cfg.recompute_granularity == "full":
-                model.layers[name] = checkpoint_wrapper(block)
-            else:  # selective: recompute attention, keep the MLP's activations
-                block.attn = checkpoint_wrapper(block.attn)
-    if dims.dp > 1:
-        if cfg.data_parallel_sharding == "replicate":
-            state.grad_all_reduce = GradAllReduce(model, state.dp_group, cfg.overlap_grad_reduce)
-        else:
-            apply_fsdp(model, mesh["dp"], cfg.data_parallel_sharding == "full", cfg.bf16)
-            state.fsdp = True
+    for part in parts:
+        if dims.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"], cfg.sequence_parallel)
+        if dims.ep > 1:
+            apply_expert_parallel(part, mesh["ep"])
+        if cfg.recompute_granularity:
+            for name, block in list(part.layers.items()):
+                if cfg.recompute_granularity == "full":
+                    part.layers[name] = checkpoint_wrapper(block)
+                else:  # selective: recompute attention, keep the MLP's activations
+                    block.attn = checkpoint_wrapper(block.attn)
+    if dims.dp > 1 and cfg.data_parallel_sharding != "replicate":
+        for part in parts:
+            apply_fsdp(part, mesh["dp"], mesh["edp"], cfg.data_parallel_sharding == "full", cfg.bf16)
+        state.fsdp = True
+    for part in parts:
+        materialize(part, cfg.model, device, cfg.seed)
+    # What follows holds references to the (now real) parameters.
+    if dims.dp > 1 and cfg.data_parallel_sharding == "replicate":
+        state.grad_all_reduce = GradAllReduce(nn.ModuleList(parts), state.dp_group,
+                                              mesh["edp"].get_group(), cfg.overlap_grad_reduce)
+    if dims.pp > 1 and not cfg.model.untie_embeddings_and_output_weights:
+        state.tied_group = tied_embedding_group(mesh)
+        for part in parts:
+            if hasattr(part, "embedding"):
+                state.tied_weight = part.embedding.word_emb.weight
+            elif hasattr(part, "lm_head"):
+                state.tied_weight = part.lm_head.weight
     return state

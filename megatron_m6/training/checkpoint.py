@@ -81,13 +81,17 @@ def load_checkpoint(load_dir: str) -> dict:
         raise CheckpointError(f"{path} is corrupt or not a megatron_m6 checkpoint: {e}") from None
 
 
+# Settings that change how the model trains or computes, not the shapes of its weights.
+RESUMABLE_CHANGES = {"hidden_dropout", "attention_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                     "moe_capacity_factor", "attention_backend", "moe_dispatch_backend"}
+
+
 def check_model_config(saved: dict, current: ModelConfig) -> None:
     """Refuse to load weights into a differently shaped model."""
     now = dataclasses.asdict(current)
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
             if k in saved and _norm(saved[k]) != _norm(v)
-            and k not in {"hidden_dropout", "attention_dropout", "moe_aux_loss_coeff",
-                          "moe_z_loss_coeff", "moe_capacity_factor"}]
+            and k not in RESUMABLE_CHANGES]
     if diff:
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(diff))
 

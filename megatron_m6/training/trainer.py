@@ -110,30 +110,21 @@ class Trainer:
 
         Gradients are averaged over DP ranks, so each rank's share of the global-batch loss is
         scaled by the DP size: the average is then the gradient of the global-batch loss."""
-        par, n = self.parallel, len(micro_batches)
+        par = self.parallel
         lr = learning_rate(self.cfg, self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         local_targets = sum(b["loss_mask"].sum() for b in micro_batches).double()
         total_targets = max(float(par.all_reduce_dp(local_targets.to(self.device))), 1.0)
-        loss_sum_local = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, batch in enumerate(micro_batches):
-            batch = self._to_device(batch)
-            with par.loss_context():
-                ce, loss_sum, aux = self.forward_loss(batch)
-                # The aux loss is a mean over the micro-batches of all DP ranks (n * dp of them).
-                loss = loss_sum / total_targets * par.dims.dp + aux / n
-                par.before_backward(self.model, last_micro_batch=i == n - 1)
-                loss.backward()
-            loss_sum_local += loss_sum.detach()
-            task_loss, task_tokens = per_task_loss(ce, batch)
-            stats.task_loss += task_loss
-            stats.task_tokens += task_tokens
-            stats.aux += float(aux.detach()) / n
+        for batch in micro_batches:
             stats.tokens += int(batch["valid_len"].sum())
             stats.samples += batch["tokens"].shape[0]
-        par.finish_grad_sync()
+        if par.pipeline is not None:
+            loss_sum_local = self._pipeline_forward_backward(micro_batches, total_targets, stats)
+        else:
+            loss_sum_local = self._forward_backward_micro_batches(micro_batches, total_targets, stats)
+        par.finish_grad_sync(self.model)
         step_loss = float(par.all_reduce_dp(loss_sum_local)) / total_targets
         if not math.isfinite(step_loss):  # the same global value on every rank: all stop together
             raise TrainingError(f"loss is {step_loss} at iteration {self.iteration + 1}; "
@@ -146,6 +137,41 @@ class Trainer:
         stats.steps += 1
         self.history.append(step_loss)
         return step_loss
+
+    def _forward_backward_micro_batches(self, micro_batches: list[dict], total_targets: float,
+                                        stats: StepStats) -> torch.Tensor:
+        """One process or stage per rank: forward and backward each micro-batch in turn.
+
+        The aux loss is a mean over the micro-batches of all DP ranks (n * dp of them)."""
+        par, n = self.parallel, len(micro_batches)
+        loss_sum_local = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(micro_batches):
+            batch = self._to_device(batch)
+            with par.loss_context():
+                ce, loss_sum, aux = self.forward_loss(batch)
+                loss = loss_sum / total_targets * par.dims.dp + aux / n
+                par.before_backward(self.model, last_micro_batch=i == n - 1)
+                loss.backward()
+            loss_sum_local += loss_sum.detach()
+            task_loss, task_tokens = per_task_loss(ce, batch)
+            stats.task_loss += task_loss
+            stats.task_tokens += task_tokens
+            stats.aux += float(aux.detach()) / n
+        return loss_sum_local
+
+    def _pipeline_forward_backward(self, micro_batches: list[dict], total_targets: float,
+                                   stats: StepStats) -> torch.Tensor:
+        """Pipeline parallel: the schedule interleaves the micro-batches over the stages; the
+        last stage computes the loss, and its sums reach every stage."""
+        k = len(TASK_NAMES)
+        with self.parallel.loss_context(), self._autocast():
+            sums = self.parallel.pipeline.forward_backward(
+                [self._to_device(b) for b in micro_batches], self.cfg.model,
+                scale=self.parallel.dims.dp / total_targets)
+        stats.task_loss += sums[:k].cpu()
+        stats.task_tokens += sums[k:2 * k].cpu()
+        stats.aux += float(sums[2 * k + 1]) / len(micro_batches)
+        return sums[2 * k]
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -217,7 +243,18 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, targets
-        for batch in itertools.islice(self.eval_loader_fn(), self.cfg.eval_iters):
+        batches = itertools.islice(self.eval_loader_fn(), self.cfg.eval_iters)
+        pipeline = self.parallel.pipeline
+        if pipeline is not None:  # whole schedules of micro-batches
+            k, n = len(TASK_NAMES), self.num_micro_batches
+            loader = iter(self.eval_loader_fn())
+            for _ in range(-(-self.cfg.eval_iters // n)):
+                group = [self._to_device(b) for b in itertools.islice(loader, n)]
+                with self.parallel.loss_context(), self._autocast():
+                    step = pipeline.evaluate(group, self.cfg.model)
+                sums += torch.stack([step[2 * k], step[k:2 * k].sum()])
+            batches = []
+        for batch in batches:
             batch = self._to_device(batch)
             with self.parallel.loss_context():
                 _, loss, _ = self.forward_loss(batch)

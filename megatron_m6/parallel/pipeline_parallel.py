@@ -1,0 +1,197 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: 1F1B, interleaved 1F1B (several
+stages per rank, `--num-layers-per-virtual-pipeline-stage`) and the interleaved zero-bubble
+schedule (`--pipeline-schedule zero_bubble`).
+
+The model is built on the meta device and each rank keeps and materialises only its own stages,
+so a large model is never built whole on one rank. A stage holds M6's own modules under their
+own names (`layers.{global index}`, `embedding` on the first stage, `final_norm` and `lm_head` on
+the last), so checkpoints and the other plans see the same names in every layout. With tied
+embeddings the first and last stages each hold the word embedding; their gradients are summed
+over the two stages, which is exactly the gradient of the tied weight in one process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B,
+                                          ScheduleInterleavedZeroBubble)
+
+from megatron_m6.config import TASK_NAMES, ModelConfig, RunConfig
+from megatron_m6.model.m6 import M6, text_positions, token_losses
+
+
+
+def stages_of_rank(pp_rank: int, pp: int, num_layers: int, layers_per_virtual_stage: int | None) -> list[int]:
+    """Stage indices held by a pipeline rank: one, or every pp-th one when interleaved."""
+    virtual = num_layers // (pp * layers_per_virtual_stage) if layers_per_virtual_stage else 1
+    return [pp_rank + k * pp for k in range(virtual)]
+
+
+class PipelineStageModel(nn.Module):
+    """One pipeline stage of M6: contiguous layers, plus the embedding on the first stage and the
+    final norm and head on the last. forward(*inputs, prefix_len, valid_len, has_image,
+    positions) takes (tokens, images) on the first stage and (hidden, aux) elsewhere, and returns
+    (hidden, aux), or (logits, aux) on the last stage; aux accumulates the MoE losses."""
+
+    def __init__(self, model: M6, stage: int, num_stages: int):
+        super().__init__()
+        self.cfg = model.cfg
+        per_stage = model.cfg.num_layers // num_stages
+        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
+        if self.is_first:
+            self.embedding = model.embedding
+        self.layers = nn.ModuleDict({str(i): model.layers[str(i)]
+                                     for i in range(stage * per_stage, (stage + 1) * per_stage)})
+        if self.is_last:
+            self.final_norm, self.lm_head = model.final_norm, model.lm_head
+
+    def forward(self, *inputs, prefix_len, valid_len, has_image, positions):
+        if self.is_first:
+            tokens, images = inputs
+            x, _ = self.embedding(tokens, images, has_image, prefix_len)
+            # A leaf, so the aux stream has a gradient path even through stages without MoE.
+            aux = torch.zeros(1, device=x.device, requires_grad=True)
+        else:
+            x, aux = inputs
+        for layer in self.layers.values():
+            x, layer_aux = layer(x, positions, prefix_len, valid_len)
+            aux = aux + layer_aux
+        if self.is_last:
+            return self.lm_head(self.final_norm(x)), aux
+        return x, aux
+
+
+class PipelineLoss:
+    """The last stage's loss per micro-batch, and the sums the trainer logs. Targets travel
+    packed as [micro-batch, 3, S]: labels, loss mask, task id."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.scale = 1.0  # dp / global target count, set per step
+        self.aux_scale = 1.0  # 1 / micro-batches per rank
+        self.reset()
+
+    def reset(self) -> None:
+        n = len(TASK_NAMES)
+        self.sums = torch.zeros(2 * n + 2, dtype=torch.float64, device=self.device)  # task loss, task tokens, ce, aux
+
+    def __call__(self, output, target: torch.Tensor) -> torch.Tensor:
+        logits, aux = output
+        labels, mask, task = target[:, 0], target[:, 1].float(), target[:, 2, 0]
+        ce = token_losses(logits, labels)
+        loss_sum = (ce * mask).sum()
+        n = len(TASK_NAMES)
+        per_sample = (ce.detach() * mask).sum(1).double()
+        self.sums[:n].index_add_(0, task, per_sample)
+        self.sums[n:2 * n].index_add_(0, task, mask.sum(1).double())
+        self.sums[2 * n] += loss_sum.detach().double()
+        self.sums[2 * n + 1] += aux.detach().sum().double()
+        return loss_sum * self.scale + aux.sum() * self.aux_scale
+
+
+class PipelineRunner:
+    """Drives the schedule for the trainer: one call per step (or per evaluation batch)."""
+
+    def __init__(self, stages: list[PipelineStageModel], stage_ids: list[int], num_stages: int,
+                 mesh: DeviceMesh, device: torch.device, cfg: RunConfig, num_micro_batches: int):
+        pp = mesh["pp"].size()
+        # The schedule's sends may still be in flight when a step returns: reductions of the
+        # step's sums (and of the gradient norm) use their own group of the same ranks.
+        pp_groups = mesh.mesh.permute(1, 2, 3, 0).reshape(-1, pp).tolist()
+        self.pp_group, _ = dist.new_subgroups_by_enumeration(pp_groups)
+        self.is_first = 0 in stage_ids
+        self.num_micro_batches = num_micro_batches
+        self.loss = PipelineLoss(device)
+        # Shapes given up front (static metadata): the library would otherwise infer them with
+        # an extra forward on uninitialised buffers, which also moves BatchNorm statistics and
+        # the dropout RNG away from a run without pipelining.
+        pipe_stages = [PipelineStage(m, s, num_stages, device, group=mesh["pp"].get_group(),
+                                     input_args=stage_inputs(m, cfg, mesh["tp"].size()),
+                                     output_args=stage_outputs(m, cfg, mesh["tp"].size()))
+                       for m, s in zip(stages, stage_ids)]
+        schedule = cfg.pipeline_schedule
+        if schedule == "zero_bubble":
+            self.schedule = ScheduleInterleavedZeroBubble(pipe_stages, num_micro_batches,
+                                                          loss_fn=self.loss, scale_grads=False)
+        elif len(pipe_stages) > 1:
+            self.schedule = ScheduleInterleaved1F1B(pipe_stages, num_micro_batches,
+                                                    loss_fn=self.loss, scale_grads=False)
+        else:
+            self.schedule = Schedule1F1B(pipe_stages[0], num_micro_batches, loss_fn=self.loss,
+                                         scale_grads=False)
+
+    def _inputs(self, micro_batches: list[dict], num_image_tokens: int):
+        batch = {k: torch.cat([b[k] for b in micro_batches]) for k in micro_batches[0]}
+        S = batch["tokens"].shape[1]
+        target = torch.stack([batch["labels"], batch["loss_mask"].long(),
+                              batch["task_id"][:, None].expand(-1, S)], dim=1)
+        kwargs = dict(prefix_len=batch["prefix_len"], valid_len=batch["valid_len"],
+                      has_image=batch["has_image"],
+                      positions=text_positions(batch["has_image"], S, num_image_tokens))
+        args = (batch["tokens"], batch["images"]) if self.is_first else ()
+        return args, kwargs, target
+
+    def forward_backward(self, micro_batches: list[dict], cfg: ModelConfig, scale: float) -> torch.Tensor:
+        """Run the schedule; returns the step's sums (see PipelineLoss) on every pipeline rank."""
+        args, kwargs, target = self._inputs(micro_batches, cfg.num_image_tokens)
+        self.loss.reset()
+        self.loss.scale, self.loss.aux_scale = scale, 1.0 / len(micro_batches)
+        self.schedule.step(*args, target=target, **kwargs)
+        dist.all_reduce(self.loss.sums, group=self.pp_group)  # only the last stage has them
+        return self.loss.sums
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[dict], cfg: ModelConfig) -> torch.Tensor:
+        args, kwargs, target = self._inputs(micro_batches, cfg.num_image_tokens)
+        self.loss.reset()
+        self.schedule.eval(*args, target=target, **kwargs)
+        dist.all_reduce(self.loss.sums, group=self.pp_group)
+        return self.loss.sums
+
+
+def _hidden(cfg: RunConfig, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states, aux) of one micro-batch between stages, split along the sequence under
+    sequence parallelism; both carry gradients back."""
+    seq = cfg.seq_length // tp if cfg.sequence_parallel else cfg.seq_length
+    return (torch.empty(cfg.micro_batch_size, seq, cfg.model.hidden_size, device="meta", requires_grad=True),
+            torch.empty(1, device="meta", requires_grad=True))
+
+
+def stage_inputs(stage: PipelineStageModel, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
+    if stage.is_first:
+        b, s, size = cfg.micro_batch_size, cfg.seq_length, cfg.model.image_size
+        return (torch.empty(b, s, dtype=torch.long, device="meta"),
+                torch.empty(b, 3, size, size, device="meta"))
+    return _hidden(cfg, tp)
+
+
+def stage_outputs(stage: PipelineStageModel, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
+    if stage.is_last:  # vocabulary-parallel logits stay on this rank for the loss
+        logits = torch.empty(cfg.micro_batch_size, cfg.seq_length, cfg.model.vocab_size // tp, device="meta")
+        return logits, torch.empty(1, device="meta", requires_grad=True)
+    return _hidden(cfg, tp)
+
+
+def build_pipeline_stages(model: M6, cfg: RunConfig, pp_rank: int, pp: int) -> tuple[list[int], list[PipelineStageModel]]:
+    """This rank's stage indices and stage modules, cut from a (meta-device) model."""
+    ids = stages_of_rank(pp_rank, pp, cfg.model.num_layers, cfg.num_layers_per_virtual_pipeline_stage)
+    num_stages = pp * len(ids)
+    return ids, [PipelineStageModel(model, s, num_stages) for s in ids]
+
+
+def tied_embedding_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
+    """The process group of this rank and its peer holding the other copy of the tied embedding
+    (first and last pipeline stage, same data/expert/tensor coordinates); every rank creates
+    every such group, in the same order, as new_group requires."""
+    ranks = mesh.mesh  # [pp, edp, ep, tp] global ranks
+    mine = None
+    for coords in torch.cartesian_prod(*(torch.arange(n) for n in ranks.shape[1:])).reshape(-1, 3).tolist():
+        e, p, t = coords
+        pair = [int(ranks[0, e, p, t]), int(ranks[-1, e, p, t])]
+        group = dist.new_group(pair)
+        if dist.get_rank() in pair:
+            mine = group
+    return mine

@@ -1,0 +1,111 @@
+"""Runs a few training steps of a tiny M6 under a layout, on gloo ranks spawned on this CPU,
+and returns each step's loss and full (gathered) gradients, to compare with one process."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from megatron_m6.config import parse_args
+from megatron_m6.pretrain import setup
+from megatron_m6.training.trainer import StepStats
+
+TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--ffn-hidden-size", "64", "--vocab-size", "128", "--seq-length", "24", "--image-size", "64",
+        "--resnet-layers", "1,1,1,1", "--resnet-width", "8", "--micro-batch-size", "2",
+        "--global-batch-size", "8", "--lr", "1e-3", "--train-iters", "3", "--log-interval", "100"]
+MOE = ["--num-experts", "4", "--moe-router-topk", "2"]
+
+
+def full_grads(model: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient, gathered to its full shape from every rank (pipeline stages
+    included), by layout-independent name; a tied embedding is reported once, as one process
+    lists it."""
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is None:
+            continue
+        g = g.full_tensor() if isinstance(g, DTensor) else g
+        name = re.sub(r"^\d+\.", "", name.replace("_checkpoint_wrapped_module.", ""))  # stage index
+        if not (tied and name == "lm_head.weight"):
+            grads[name] = g.detach().clone().cpu()
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, grads)
+        for other in everyone:
+            grads = {**other, **grads}
+    return grads
+
+
+def train_steps(argv: list[str], steps: int = 3) -> tuple[list[float], list[dict]]:
+    cfg = parse_args(TINY + argv)
+    cfg.model.resnet_bottleneck = False
+    trainer, loader = setup(cfg, log=lambda line: None)
+    batches = iter(loader)
+    losses, grads = [], []
+    for _ in range(steps):
+        micro = [next(batches) for _ in range(trainer.num_micro_batches)]
+        losses.append(trainer.forward_backward(micro, StepStats()))
+        grads.append(full_grads(trainer.model, not cfg.model.untie_embeddings_and_output_weights))
+        trainer.optimizer_step()
+    return losses, grads
+
+
+def allocated_bytes(argv: list[str]) -> list[dict[str, int]]:
+    """Per rank: bytes of the parameters (as held during a step) and of the optimizer state this
+    rank holds after one step (local shards only), gathered from every rank."""
+    cfg = parse_args(TINY + argv)
+    cfg.model.resnet_bottleneck = False
+    trainer, loader = setup(cfg, log=lambda line: None)
+    batches = iter(loader)
+    trainer.train_step([next(batches) for _ in range(trainer.num_micro_batches)], StepStats())
+
+    def local_bytes(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    if cfg.data_parallel_sharding == "optimizer":  # parameters are gathered during a step
+        for module in trainer.model.modules():
+            if isinstance(module, FSDPModule):
+                module.unshard()
+    mine = {"params": sum(local_bytes(p) for p in trainer.model.parameters()),
+            "optimizer": sum(local_bytes(v) for state in trainer.optimizer.state.values()
+                             for k, v in state.items() if k in ("exp_avg", "exp_avg_sq"))}
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _worker(rank: int, world: int, port: int, fn, argv: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        result = fn(argv)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_parallel(world: int, argv: list[str], fn=train_steps):
+    """`fn(argv)` on `world` gloo ranks; rank 0's result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pt")
+        mp.spawn(_worker, args=(world, port, fn, argv, out), nprocs=world, join=True)
+        return torch.load(out)
