@@ -1,10 +1,11 @@
-"""Parameters and training FLOPs per token of a preset, counted on the meta device.
+"""Parameters, training FLOPs per token and per-GPU memory of a preset, counted on the meta device.
 
 `python -m megatron_m6.model_size --preset m6-100b` builds the model with no memory, counts
 parameters from the real modules, and counts FLOPs with PyTorch's FlopCounterMode over one
 forward and backward. Routing is data-dependent, so FLOPs of an MoE model are counted on its
 "active" twin: each MoE MLP replaced by a dense MLP doing the work of top-k experts (exact for
-balanced routing) plus the router.
+balanced routing) plus the router. The parallel-layout flags (and --world-size) select the layout
+whose per-GPU memory is printed (megatron_m6/parallel/memory.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from megatron_m6.config import PRESETS, ConfigError, ModelConfig, RunConfig, config_from_args, build_parser
 from megatron_m6.model import M6
 from megatron_m6.model.moe import MoEMLP
+from megatron_m6.parallel.memory import Layout, estimate_rank_memory
 
 
 @dataclasses.dataclass
@@ -77,14 +79,40 @@ def model_size(cfg: RunConfig) -> ModelSize:
     return ModelSize(total, active, train_flops_per_token(cfg.model, cfg.seq_length))
 
 
+def layout_from_config(cfg: RunConfig, world_size: int | None) -> Layout:
+    """The run's parallel layout; data parallel is what remains of the world size. Flags read
+    with getattr so this works whether or not config.py defines them yet."""
+    tp = getattr(cfg, "tensor_model_parallel_size", 1)
+    pp = getattr(cfg, "pipeline_model_parallel_size", 1)
+    ep = getattr(cfg, "expert_model_parallel_size", 1)
+    world_size = world_size or tp * pp * ep
+    if world_size % (tp * pp):
+        raise ValueError(f"--world-size {world_size} is not a multiple of TP x PP = {tp * pp}")
+    layout = Layout(tp=tp, pp=pp, ep=ep, dp=world_size // (tp * pp),
+                    sequence_parallel=bool(getattr(cfg, "sequence_parallel", False)),
+                    data_parallel_sharding=getattr(cfg, "data_parallel_sharding", "replicate"),
+                    recompute_granularity=getattr(cfg, "recompute_granularity", None),
+                    micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length, bf16=cfg.bf16,
+                    num_layers_per_virtual_pipeline_stage=getattr(
+                        cfg, "num_layers_per_virtual_pipeline_stage", None))
+    layout.check(cfg.model)
+    return layout
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    parser.description = "Parameters and FLOPs per token of an M6 configuration (meta device)."
+    parser.description = ("Parameters, FLOPs per token and per-GPU memory of an M6 configuration "
+                          "and parallel layout (meta device).")
+    parser.add_argument("--world-size", type=int,
+                        help="GPUs in the job (default: the fewest the layout needs)")
     try:
         ns = parser.parse_args(argv)
         ns.mock_data = True
+        world_size = ns.world_size
+        del ns.world_size
         cfg = config_from_args(ns)
-    except ConfigError as e:
+        layout = layout_from_config(cfg, world_size)
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     s = model_size(cfg)
@@ -94,6 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{name}: training FLOPs per token {s.train_flops_per_token / 1e9:.2f} GFLOP "
           f"(forward + backward, sequence {cfg.seq_length}; "
           f"{s.train_flops_per_token / (6 * s.active_params):.2f}x the 6N rule)")
+    mem = estimate_rank_memory(cfg.model, layout)
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    print(f"{name}: per-GPU memory, TP{layout.tp} PP{layout.pp} EP{layout.ep} DP{layout.dp}, "
+          f"sharding {layout.data_parallel_sharding}, sequence parallel "
+          f"{'on' if layout.sequence_parallel else 'off'}, recompute "
+          f"{layout.recompute_granularity or 'none'}, micro-batch {layout.micro_batch_size} x "
+          f"{layout.seq_length}, {'bf16' if layout.bf16 else 'fp32'} (busiest pipeline stage):")
+    print(f"{name}:   params {gib(mem.params)}, grads {gib(mem.grads)}, optimizer "
+          f"{gib(mem.optimizer)}, activations {gib(mem.activations)} (estimate), "
+          f"total {gib(mem.total)}")
 
 
 if __name__ == "__main__":
