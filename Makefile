@@ -3,18 +3,22 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: torch install deps test-deps demo test bench
+.PHONY: torch install deps test-deps demo test bench bench-data
 
 # torch first, pinned, and only when none is present: an unpinned torch would pull a CUDA build,
 # and a user's own (CUDA) torch must never be replaced.
 torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) "torch==$(TORCH_VERSION)"
 
+# The repo itself is installed editable (no dependencies) so `python -m megatron_m6...` finds
+# m6_kernels, which lives in kernels/, from anywhere.
 deps: torch
 	@$(PIP) -r requirements.txt
+	@$(PIP) --no-deps -e .
 
 test-deps: torch
 	@$(PIP) -r requirements-test.txt
+	@$(PIP) --no-deps -e .
 
 install: torch
 	$(PIP) -e .
@@ -27,3 +31,7 @@ test: test-deps
 
 bench: deps
 	$(PYTHON) tools/bench/train_step.py
+
+# Corpus building (text MB/s, images/s) and data loader samples/s; numbers in docs/PERFORMANCE.md.
+bench-data: deps
+	$(PYTHON) tools/bench/data_pipeline.py

@@ -49,6 +49,10 @@ class ModelConfig:
     moe_z_loss_coeff: float = 0.0
     moe_expert_prototypes: int = 1  # k groups, top-1 in each (M6-T); 1 disables
     moe_ffn_hidden_size: int | None = None
+    # Kernels: how the model computes, not what. "auto": fused Triton kernels on CUDA, PyTorch
+    # elsewhere; see megatron_m6/model/attention.py and moe.py.
+    attention_backend: str = "auto"  # auto, fused, sdpa, flex
+    moe_dispatch_backend: str = "auto"  # auto, fused, torch
 
     @property
     def head_dim(self) -> int:
@@ -96,7 +100,9 @@ class RunConfig:
     bf16: bool = False
     seed: int = 1234
     # Data.
-    data_path: str | None = None
+    data_path: list[str] | None = None  # Megatron's: PREFIX, or W1 PREFIX1 W2 PREFIX2 ...
+    split: str = "98,2,0"  # train/valid/test shares of every dataset's documents
+    vocab_file: str | None = None  # None: the vocabulary shipped with megatron_m6
     mock_data: bool = False
     task_weights: dict[str, float] = field(default_factory=dict)
     num_workers: int = 0
@@ -119,6 +125,7 @@ class RunConfig:
     overlap_grad_reduce: bool = False
     recompute_granularity: str | None = None  # selective | full
     num_layers_per_virtual_pipeline_stage: int | None = None
+    pipeline_schedule: str = "1f1b"  # 1f1b (interleaved with virtual stages) | zero_bubble
 
     @property
     def num_micro_batches(self) -> int:
@@ -182,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert capacity as a multiple of the even share; omit for dropless")
     g.add_argument("--moe-dropless", action="store_true", default=None,
                    help="no capacity limit (overrides a preset's capacity factor)")
+    g.add_argument("--attention-backend", choices=["auto", "fused", "sdpa", "flex"],
+                   help="auto: the fused Triton kernel for bf16/fp16 on CUDA, else sdpa")
+    g.add_argument("--moe-dispatch-backend", choices=["auto", "fused", "torch"],
+                   help="auto: fused Triton gating/permute/unpermute on CUDA, else torch")
     g = p.add_argument_group("training")
     for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
                  "lr_warmup_iters", "lr_decay_iters", "seed", "save_interval", "exit_interval", "eval_interval",
@@ -201,8 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-parallel-sharding", choices=["replicate", "optimizer", "full"])
     g.add_argument("--overlap-grad-reduce", action="store_true", default=None)
     g.add_argument("--recompute-granularity", choices=["selective", "full"])
+    g.add_argument("--pipeline-schedule", choices=["1f1b", "zero_bubble"],
+                   help="1f1b is interleaved 1F1B with --num-layers-per-virtual-pipeline-stage; "
+                        "zero_bubble is the interleaved zero-bubble schedule")
     g = p.add_argument_group("data and checkpoints")
-    g.add_argument("--data-path", type=str, help="folder made by tools/prepare_sample_data.py")
+    g.add_argument("--data-path", nargs="+",
+                   help="indexed dataset prefix, or W1 PREFIX1 W2 PREFIX2 ... (text and image-text "
+                        "datasets from tools/preprocess_data.py)")
+    g.add_argument("--split", type=str, help="train,valid,test shares of documents (default 98,2,0)")
+    g.add_argument("--vocab-file", type=str, help="vocab.txt (default: the shipped vocabulary)")
     g.add_argument("--mock-data", action="store_true", default=None,
                    help="synthetic batches of the configured shapes")
     g.add_argument("--task-weights", type=str,
@@ -311,17 +329,34 @@ def validate(cfg: RunConfig) -> None:
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
     if not cfg.mock_data:
-        if cfg.data_path is None:
-            raise ConfigError("give --data-path (a folder from tools/prepare_sample_data.py) "
-                              "or --mock-data")
-        if not os.path.isdir(cfg.data_path):
-            raise ConfigError(f"--data-path {cfg.data_path} does not exist")
+        validate_data(cfg)
     if cfg.task_weights and sum(cfg.task_weights.values()) <= 0:
         raise ConfigError("--task-weights must have a positive total")
     if any(w < 0 for w in cfg.task_weights.values()):
         raise ConfigError("--task-weights must not be negative")
     if cfg.load is not None and not os.path.isdir(cfg.load):
         raise ConfigError(f"--load {cfg.load} does not exist")
+
+
+def validate_data(cfg: RunConfig) -> None:
+    """--data-path names complete indexed datasets, --split and --vocab-file make sense."""
+    from megatron_m6.data.blending import parse_blend, parse_split  # here: data imports config
+    from megatron_m6.data.indexed import dataset_exists
+
+    if not cfg.data_path:
+        raise ConfigError("give --data-path (PREFIX or W1 PREFIX1 W2 PREFIX2 ..., indexed datasets "
+                          "from tools/preprocess_data.py) or --mock-data")
+    try:
+        blend = parse_blend(cfg.data_path)
+        parse_split(cfg.split)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for _, prefix in blend:
+        if not dataset_exists(prefix):
+            raise ConfigError(f"--data-path {prefix}: {prefix}.bin/.idx does not exist (build it "
+                              "with tools/preprocess_data.py)")
+    if cfg.vocab_file is not None and not os.path.isfile(cfg.vocab_file):
+        raise ConfigError(f"--vocab-file {cfg.vocab_file} does not exist")
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from megatron_m6.config import ConfigError, RunConfig, parse_args
+from megatron_m6.data.blending import parse_split
 from megatron_m6.data.dataset import M6PretrainDataset, MockDataset, build_data_loader
 from megatron_m6.model import M6
-from megatron_m6.tokenizer import M6Tokenizer
+from megatron_m6.parallel.pipeline_parallel import PipelineRunner, build_pipeline_stages
+from megatron_m6.model.attention import resolve_attention_backend
+from megatron_m6.model.moe import resolve_moe_dispatch_backend
+from megatron_m6.parallel import init_process_mesh, parallel_dims, parallelize
+from megatron_m6.parallel.mesh import local_device, world_size_from_env
+from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError, load_checkpoint
 from megatron_m6.training.trainer import Trainer, TrainingError
 
@@ -30,50 +37,98 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """The GPU of this rank (LOCAL_RANK under torchrun) when there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+    return local_device(name)
+
+
+def kernel_backends(cfg: RunConfig, device: torch.device) -> str:
+    """The attention (and MoE dispatch) backends this run uses, for the start-up log line."""
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    text = f"attention backend: {resolve_attention_backend(cfg.model, device, dtype)}"
+    if cfg.model.num_experts:
+        text += f"; MoE dispatch: {resolve_moe_dispatch_backend(cfg.model, device)}"
+    return text
 
 
 def build_datasets(cfg: RunConfig, tok: M6Tokenizer | None):
-    """(train, validation) datasets: the sample-data folder, or synthetic batches."""
+    """(train, validation) datasets: the --split shares of the --data-path blend (validation None
+    when its share is 0), or synthetic batches. Unusable data is a ConfigError."""
     m = cfg.model
     n_train = cfg.train_iters * cfg.global_batch_size
-    n_eval = max(cfg.eval_iters, 1) * cfg.micro_batch_size
+    n_eval = max(cfg.eval_iters, 1) * cfg.global_batch_size  # enough for every DP rank
     if cfg.mock_data:
         return (MockDataset(m.vocab_size, cfg.seq_length, m.num_image_tokens, m.image_size, cfg.seed, n_train),
                 MockDataset(m.vocab_size, cfg.seq_length, m.num_image_tokens, m.image_size, cfg.seed + 1, n_eval))
     common = dict(tok=tok, seq_length=cfg.seq_length, num_image_tokens=m.num_image_tokens,
-                  image_size=m.image_size, task_weights=cfg.task_weights or None)
-    return (M6PretrainDataset(cfg.data_path, seed=cfg.seed, num_samples=n_train, split="train", **common),
-            M6PretrainDataset(cfg.data_path, seed=cfg.seed + 1, num_samples=n_eval, split="test", **common))
+                  image_size=m.image_size, task_weights=cfg.task_weights or None, seed=cfg.seed,
+                  splits=cfg.split)
+    try:
+        train = M6PretrainDataset(cfg.data_path, num_samples=n_train, split="train", **common)
+        valid = (M6PretrainDataset(cfg.data_path, num_samples=n_eval, split="valid", **common)
+                 if parse_split(cfg.split)[1] > 0 else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return train, valid
 
 
-def run(cfg: RunConfig, log=print) -> Trainer:
-    """Build everything from `cfg` and train; returns the trainer (losses in `.history`)."""
-    seed_everything(cfg.seed)
+def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
+    """Build the model, its layout, the trainer and the training data loader from `cfg`
+    (resuming from `--load`); one clear error for a layout the world size cannot hold."""
     device = pick_device(cfg.device)
     tok = None
     if not cfg.mock_data:
-        tok = M6Tokenizer.from_vocab_file(os.path.join(cfg.data_path, "vocab.txt"))
+        tok = M6Tokenizer.from_vocab_file(cfg.vocab_file or DEFAULT_VOCAB_FILE)
         cfg.model.vocab_size = padded_vocab_size(tok.vocab_size)
     pad_id = tok.pad_id if tok else 0
-    model = M6(cfg.model).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"M6 with {n_params / 1e6:.2f}M parameters on {device} "
-        f"({'bf16 autocast' if cfg.bf16 else 'fp32'}); attention backend: sdpa")
+    dims = parallel_dims(cfg, world_size_from_env())
+    if dims.world_size > 1 and (cfg.save or cfg.load):
+        raise ConfigError("--save/--load with several processes need distributed checkpoints "
+                          "(not built yet); run without them")
+    mesh = init_process_mesh(dims, device)
+    seed_everything(cfg.seed)
+    # Built on the meta device: each rank keeps its own pipeline stages and allocates only its
+    # own shards of them (parallelize), and every parameter is drawn from its name, so all
+    # layouts start from the same weights.
+    with torch.device("meta"):
+        full = M6(cfg.model)
+    n_params = sum(p.numel() for p in full.parameters())
+    if dims.pp > 1:
+        stage_ids, parts = build_pipeline_stages(full, cfg, mesh["pp"].get_local_rank(), dims.pp)
+    else:
+        stage_ids, parts = [0], [full]
+    parallel = parallelize(parts, cfg, dims, mesh, device)
+    model = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
+    if dims.pp > 1:
+        micro_per_step = cfg.global_batch_size // (cfg.micro_batch_size * dims.dp)
+        parallel.pipeline = PipelineRunner(parts, stage_ids, dims.pp * len(stage_ids), mesh,
+                                           device, cfg, micro_per_step)
+    if parallel.is_logging_rank:
+        log(f"M6 with {n_params / 1e6:.2f}M parameters on {device} "
+            f"({'bf16 autocast' if cfg.bf16 else 'fp32'}); {kernel_backends(cfg, device)}; layout: "
+            f"TP{dims.tp} PP{dims.pp} EP{dims.ep} DP{dims.dp} ({cfg.data_parallel_sharding})")
     train_set, eval_set = build_datasets(cfg, tok)
     m = cfg.model
     loader = lambda ds, consumed: build_data_loader(ds, cfg.micro_batch_size, cfg.seq_length, pad_id,
-                                                    m.image_size, consumed, cfg.num_workers)
-    trainer = Trainer(cfg, model, eval_loader_fn=lambda: loader(eval_set, 0), device=device, log=log)
+                                                    m.image_size, consumed, cfg.num_workers,
+                                                    parallel.dp_rank, dims.dp)
+    trainer = Trainer(cfg, model, device=device, log=log,
+                      eval_loader_fn=(lambda: loader(eval_set, 0)) if eval_set is not None else None,
+                      parallel=parallel)
     if cfg.load:
         trainer.load(load_checkpoint(cfg.load))
         log(f"resumed from {cfg.load} at iteration {trainer.iteration} "
             f"({trainer.consumed_samples} samples consumed)")
-    trainer.train(loader(train_set, trainer.consumed_samples))
+    return trainer, loader(train_set, trainer.consumed_samples)
+
+
+def run(cfg: RunConfig, log=print) -> Trainer:
+    """Build everything from `cfg` and train; returns the trainer (losses in `.history`)."""
+    trainer, train_loader = setup(cfg, log)
+    trainer.train(train_loader)
     return trainer
 
 
