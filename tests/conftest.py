@@ -14,6 +14,20 @@ if not torch.cuda.is_available():
 from megatron_m6.config import ModelConfig
 
 
+ALPHABET = "abcdefghijklmnopqrstuvwxyz我们的图片猫狗"
+
+
+class FakeTokenizer:
+    """Char-level stand-in for M6Tokenizer: 8 specials, 100 sentinels, then the alphabet."""
+
+    pad_id, unk_id, cls_id, sep_id, mask_id, bos_id, eos_id, img_id = range(8)
+    sentinel_ids = list(range(8, 108))
+    vocab_size = 108 + len(ALPHABET)
+
+    def encode(self, text):
+        return [108 + ALPHABET.index(c) if c in ALPHABET else self.unk_id for c in text]
+
+
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(vocab_size=101, hidden_size=32, num_layers=2, num_attention_heads=4,
                 ffn_hidden_size=64, max_position_embeddings=48, image_size=64,

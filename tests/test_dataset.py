@@ -10,21 +10,10 @@ from megatron_m6.config import TASK_NAMES
 from megatron_m6.data.dataset import (IMAGENET_MEAN, IMAGENET_STD, M6PretrainDataset, MockDataset,
                                       build_data_loader, collate, image_to_tensor)
 from megatron_m6.data.indexed import IndexedDatasetError, IndexedDatasetWriter
+from tests.conftest import FakeTokenizer
 from megatron_m6.data.tasks import IMAGE_TASKS, build_sample
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz我们的图片猫狗"
 SEQ, N_IMG, IMG = 40, 4, 16
-
-
-class FakeTokenizer:
-    """Char-level stand-in for M6Tokenizer: 8 specials, 100 sentinels, then the alphabet."""
-
-    pad_id, unk_id, cls_id, sep_id, mask_id, bos_id, eos_id, img_id = range(8)
-    sentinel_ids = list(range(8, 108))
-    vocab_size = 108 + len(ALPHABET)
-
-    def encode(self, text):
-        return [108 + ALPHABET.index(c) if c in ALPHABET else self.unk_id for c in text]
 
 
 TOK = FakeTokenizer()

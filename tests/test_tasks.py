@@ -2,21 +2,8 @@ import numpy as np
 import pytest
 
 from megatron_m6.config import TASK_NAMES
+from tests.conftest import FakeTokenizer
 from megatron_m6.data.tasks import IMAGE_TASKS, build_sample, min_seq_length, span_corrupt
-
-ALPHABET = "abcdefghijklmnopqrstuvwxyz我们的图片猫狗"
-
-
-class FakeTokenizer:
-    """Char-level stand-in for M6Tokenizer: 8 specials, 100 sentinels, then the alphabet."""
-
-    pad_id, unk_id, cls_id, sep_id, mask_id, bos_id, eos_id, img_id = range(8)
-    sentinel_ids = list(range(8, 108))
-    vocab_size = 108 + len(ALPHABET)
-
-    def encode(self, text):
-        return [108 + ALPHABET.index(c) if c in ALPHABET else self.unk_id for c in text]
-
 
 TOK = FakeTokenizer()
 SENTINELS = TOK.sentinel_ids
