@@ -162,6 +162,15 @@ def test_image_text_pairs(tmp_path):
     assert (np.asarray(pictures[3], dtype=int) > 240).all()
 
 
+def test_image_pairs_with_no_readable_image_give_a_report_not_an_error(tmp_path):
+    src = tmp_path / "pairs.jsonl"
+    src.write_bytes(line({"image": "missing.png", "text": "图片"}) + line({"image": "also-missing.jpg", "text": "猫"}))
+    stats, cfg = run(tmp_path, [src], image_key="image", image_size=32)
+    assert dict(stats.skipped) == {"image_not_found": 2}
+    ds = IndexedDataset(cfg.output_names()["text"])
+    assert ds.num_documents == 0  # loads, empty (with no item, nothing records the modes)
+
+
 def test_cli_report_and_progress(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_bytes(line({"text": DOC}) + b"{bad\n")

@@ -307,8 +307,9 @@ def process_image_chunk(chunk: Chunk) -> ChunkResult:
 
 # -- the writer process -------------------------------------------------------------------------
 def _write(writer: IndexedDatasetWriter, out: Output, keep: np.ndarray) -> None:
-    """Append the kept documents of a chunk: one bulk write for text, item by item with images."""
-    if out.images:
+    """Append the kept documents of a chunk: one bulk write for text, item by item with images
+    (by the writer's kind: a chunk of image-text pairs may have kept no image at all)."""
+    if writer.multimodal:
         offsets = np.concatenate([[0], np.cumsum(out.item_lengths)])
         for i in np.flatnonzero(keep).tolist():
             writer.add_item(out.tokens[offsets[i]:offsets[i + 1]])
