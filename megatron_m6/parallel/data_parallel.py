@@ -65,13 +65,15 @@ class GradAllReduce:
         # Buckets of one group each: (group, parameters).
         self.buckets: list[list[nn.Parameter]] = []
         self.groups: list[dist.ProcessGroup] = []
+        filled = 0  # fp32 bytes in the last bucket
         for p in reversed([p for p in model.parameters() if p.requires_grad]):
             group = edp_group if is_expert_param(p) else dp_group
-            full = self.buckets and sum(q.numel() * 4 for q in self.buckets[-1]) + p.numel() * 4 > bucket_bytes
-            if not self.buckets or full or self.groups[-1] is not group:
+            if not self.buckets or filled + 4 * p.numel() > bucket_bytes or self.groups[-1] is not group:
                 self.buckets.append([])
                 self.groups.append(group)
+                filled = 0
             self.buckets[-1].append(p)
+            filled += 4 * p.numel()
         self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
         self.ready = [0] * len(self.buckets)
         self.next_bucket = 0
