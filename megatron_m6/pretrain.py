@@ -20,7 +20,7 @@ from megatron_m6.model.moe import resolve_moe_dispatch_backend
 from megatron_m6.parallel import init_process_mesh, parallel_dims, parallelize
 from megatron_m6.parallel.mesh import local_device, world_size_from_env
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
-from megatron_m6.training.checkpoint import CheckpointError, load_checkpoint
+from megatron_m6.training.checkpoint import CheckpointError
 from megatron_m6.training.trainer import Trainer, TrainingError
 
 VOCAB_DIVISIBLE_BY = 128  # Megatron's --make-vocab-size-divisible-by: aligned, TP-splittable
@@ -85,9 +85,6 @@ def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
         cfg.model.vocab_size = padded_vocab_size(tok.vocab_size)
     pad_id = tok.pad_id if tok else 0
     dims = parallel_dims(cfg, world_size_from_env())
-    if dims.world_size > 1 and (cfg.save or cfg.load):
-        raise ConfigError("--save/--load with several processes need distributed checkpoints "
-                          "(not built yet); run without them")
     mesh = init_process_mesh(dims, device)
     seed_everything(cfg.seed)
     # Built on the meta device: each rank keeps its own pipeline stages and allocates only its
@@ -119,7 +116,7 @@ def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
                       eval_loader_fn=(lambda: loader(eval_set, 0)) if eval_set is not None else None,
                       parallel=parallel)
     if cfg.load:
-        trainer.load(load_checkpoint(cfg.load))
+        trainer.load(cfg.load)
         log(f"resumed from {cfg.load} at iteration {trainer.iteration} "
             f"({trainer.consumed_samples} samples consumed)")
     return trainer, loader(train_set, trainer.consumed_samples)

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from megatron_m6.config import parse_args
-from megatron_m6.pretrain import setup
+from megatron_m6.pretrain import run, setup
 from megatron_m6.training.trainer import StepStats
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -58,6 +58,23 @@ def train_steps(argv: list[str], steps: int = 3) -> tuple[list[float], list[dict
         grads.append(full_grads(trainer.model, not cfg.model.untie_embeddings_and_output_weights))
         trainer.optimizer_step()
     return losses, grads
+
+
+def history(argv: list[str]) -> list[float]:
+    """Global-batch losses of a training run (resuming, saving or exiting as argv says)."""
+    cfg = parse_args(TINY + argv)
+    cfg.model.resnet_bottleneck = False
+    return run(cfg, log=lambda line: None).history
+
+
+def stop_and_resume(argv: list[str]) -> tuple[list[float], list[float]]:
+    """(6 steps straight, the last 3 of 6 after exiting at step 3 and resuming); argv holds
+    --save DIR for the checkpoint in between."""
+    i = argv.index("--save")
+    save, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+    straight = history(rest + ["--train-iters", "6"])
+    history(rest + ["--train-iters", "6", "--save", save, "--exit-interval", "3"])
+    return straight, history(rest + ["--train-iters", "6", "--load", save])
 
 
 def allocated_bytes(argv: list[str]) -> list[dict[str, int]]:

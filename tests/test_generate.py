@@ -143,7 +143,8 @@ def write_run(tmp_path, **overrides):
     torch.manual_seed(0)
     model = M6(cfg)
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # lists, as if read from JSON
-    save_checkpoint(str(tmp_path / "ckpt"), 10, {"model": model.state_dict(), "model_config": config})
+    save_checkpoint(str(tmp_path / "ckpt"), 10, model, torch.optim.AdamW(model.parameters()),
+                    {"model_config": config, "iteration": 10})
     return model
 
 
@@ -153,8 +154,11 @@ def test_load_model_round_trip(tmp_path):
     assert loaded.cfg == model.cfg and isinstance(loaded.cfg.resnet_layers, tuple)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
-    save_checkpoint(str(tmp_path / "bad"), 1, {"model": {}, "model_config": dataclasses.asdict(model.cfg)})
-    with pytest.raises(CheckpointError, match="missing weights"):
+    # Weights of another shape under this model_config: one clear error.
+    other = M6(dataclasses.replace(model.cfg, hidden_size=64, ffn_hidden_size=128))
+    save_checkpoint(str(tmp_path / "bad"), 1, other, torch.optim.AdamW(other.parameters()),
+                    {"model_config": dataclasses.asdict(model.cfg), "iteration": 1})
+    with pytest.raises(CheckpointError, match="does not fit its model_config"):
         load_model(str(tmp_path / "bad"))
 
 

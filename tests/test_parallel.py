@@ -12,7 +12,7 @@ import torch
 
 from megatron_m6.config import ConfigError, parse_args
 from megatron_m6.parallel import parallel_dims
-from tests.parallel_harness import MOE, TINY, run_parallel, train_steps
+from tests.parallel_harness import MOE, TINY, history, run_parallel, stop_and_resume, train_steps
 
 LAYOUTS = {
     "TP2": (2, ["--tensor-model-parallel-size", "2"]),
@@ -108,6 +108,36 @@ def test_expert_parallel_layout_matches_single_process(layout):
     capacity = [a for a in argv if a.startswith("--moe-capacity")]
     ref = train_steps(MOE + ["--moe-capacity-factor", "1.0"]) if capacity else reference("moe")
     assert_close(run_parallel(world, argv + MOE), ref, layout)
+
+
+def test_exact_resume_under_tp2_pp2_dp2(tmp_path):
+    """6 steps straight equal 3 steps, exit, resume, 3 steps: loss for loss, bit for bit."""
+    layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+              "--data-parallel-sharding", "optimizer", "--hidden-dropout", "0.1"]
+    straight, resumed = run_parallel(8, layout + FOUR_LAYERS + ["--save", str(tmp_path)], fn=stop_and_resume)
+    assert len(straight) == 6 and resumed == straight[3:]
+
+
+@pytest.mark.parametrize("chain", [
+    [(4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+     (4, ["--pipeline-model-parallel-size", "4"]), (1, [])],
+    [(2, ["--expert-model-parallel-size", "2"] + MOE), (1, MOE), (2, ["--expert-model-parallel-size", "2"] + MOE)],
+], ids=["TP2xPP2-to-PP4-to-one", "EP2-to-EP1-to-EP2"])
+def test_checkpoints_load_under_another_layout(tmp_path, chain):
+    """Each layout continues the previous one's checkpoint for one step; the losses are those of
+    one process that never stopped (summation order aside)."""
+    model = MOE if MOE[0] in chain[0][1] else []
+    same = FOUR_LAYERS + ["--lr-decay-style", "constant"]  # runs of different lengths, one schedule
+    straight = history(model + same + ["--train-iters", str(len(chain) + 1)])
+    losses = run_parallel(chain[0][0], chain[0][1] + same + ["--train-iters", "2", "--save",
+                                                                    str(tmp_path / "0")], fn=history)
+    for k, (world, argv) in enumerate(chain[1:], start=1):
+        argv = argv + same + ["--train-iters", str(k + 2), "--load", str(tmp_path / str(k - 1)),
+                                     "--save", str(tmp_path / str(k))]
+        losses += history(argv) if world == 1 else run_parallel(world, argv, fn=history)
+    assert len(losses) == len(straight)
+    for step, (a, b) in enumerate(zip(losses, straight)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step + 1}: {a} vs {b}"
 
 
 @pytest.mark.parametrize("argv, world, message", [

@@ -5,7 +5,7 @@ import torch
 
 from megatron_m6.config import parse_args
 from megatron_m6.pretrain import run
-from megatron_m6.training.checkpoint import CheckpointError, load_checkpoint
+from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint
 from megatron_m6.training.trainer import TrainingError
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -68,20 +68,30 @@ def test_nan_loss_stops_with_the_iteration(monkeypatch):
 
 
 def test_checkpoint_holds_everything_needed_to_resume(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
     quiet_run(["--train-iters", "2", "--save", str(tmp_path)])
-    state = load_checkpoint(str(tmp_path))
-    for key in ("model", "optimizer", "scheduler", "rng", "iteration", "consumed_samples", "args"):
-        assert key in state
-    assert state["iteration"] == 2 and state["consumed_samples"] == 8
+    path, meta = latest_checkpoint(str(tmp_path))
+    for key in ("scheduler", "iteration", "consumed_samples", "args", "model_config"):
+        assert key in meta
+    assert meta["iteration"] == 2 and meta["consumed_samples"] == 8
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    assert "model.layers.1.attn.qkv.weight" in stored
+    assert any(k.startswith("optimizer.state.layers.1.attn.qkv.weight.exp_avg") for k in stored)
+    rng = torch.load(f"{path}/rng_00000.pt", weights_only=False)
+    assert {"python", "numpy", "torch"} <= rng.keys()
 
 
 def test_missing_or_corrupt_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="latest_checkpointed_iteration.txt is missing"):
-        load_checkpoint(str(tmp_path))
+        latest_checkpoint(str(tmp_path))
     quiet_run(["--train-iters", "1", "--save", str(tmp_path)])
-    (tmp_path / "iter_0000001" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "iter_0000001" / ".metadata").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_checkpoint(str(tmp_path))
+        latest_checkpoint(str(tmp_path))
+    (tmp_path / "iter_0000001" / "meta.pt").unlink()
+    with pytest.raises(CheckpointError, match="meta.pt is missing"):
+        latest_checkpoint(str(tmp_path))
 
 
 def test_loading_into_a_different_model_is_refused(tmp_path):

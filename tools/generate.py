@@ -14,10 +14,9 @@ import json
 import os
 import sys
 
-try:
-    import megatron_m6  # noqa: F401  (installed, or run from the repo root with -m)
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The code of this checkout (and its kernels/), even where another checkout is installed.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "kernels")]
 
 from PIL import Image
 

@@ -11,12 +11,14 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from PIL import Image
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.data.dataset import image_to_tensor
 from megatron_m6.model import M6, KVCache
-from megatron_m6.training.checkpoint import CheckpointError, load_checkpoint
+from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint, reason
 
 
 @dataclass
@@ -102,13 +104,14 @@ def generate(model: M6, prefix_tokens: torch.Tensor, images: torch.Tensor | None
 
 
 def load_model(load_dir: str, device: str | torch.device = "cpu") -> M6:
-    """The M6 of the latest checkpoint under `load_dir`, rebuilt from its saved model_config."""
-    state = load_checkpoint(load_dir)
-    if not isinstance(state, dict) or not {"model", "model_config"} <= state.keys():
-        raise CheckpointError(f"checkpoint in {load_dir} lacks model weights or model_config; "
+    """The M6 of the latest checkpoint under `load_dir` (saved under any parallel layout), rebuilt
+    from its saved model_config on one device, without torch.distributed."""
+    path, meta = latest_checkpoint(load_dir)
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise CheckpointError(f"checkpoint in {load_dir} lacks its model_config; "
                               "it was not written by megatron_m6 training")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    saved = state["model_config"]
+    saved = meta["model_config"]
     unknown = sorted(set(saved) - fields)
     if unknown:
         raise CheckpointError(f"checkpoint in {load_dir} has unknown model_config fields: "
@@ -118,15 +121,12 @@ def load_model(load_dir: str, device: str | torch.device = "cpu") -> M6:
     # Inference never drops tokens: capacity depends on the batch, so a token's output would too.
     cfg.moe_capacity_factor = None
     model = M6(cfg)
+    state = {"model": model.state_dict()}
     try:
-        result = model.load_state_dict(state["model"], strict=False)
-    except RuntimeError as e:  # shape mismatches: keep one offending line, not the whole list
-        detail = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint in {load_dir} does not fit its model_config: {detail}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint in {load_dir} does not fit its model_config: "
-                              f"missing weights {result.missing_keys[:3]}, "
-                              f"unexpected weights {result.unexpected_keys[:3]}")
+        dcp.load(state, checkpoint_id=path, no_dist=True)  # no process group: one device
+    except (Exception, CheckpointException) as e:  # missing or misshapen weights: one line
+        raise CheckpointError(f"checkpoint in {load_dir} does not fit its model_config: {reason(e)}") from None
+    model.load_state_dict(state["model"])
     return model.to(device).eval()
 
 

@@ -1,24 +1,38 @@
-"""Single-process checkpoints: everything needed to resume exactly.
+"""Distributed checkpoints: everything needed to resume exactly, readable under any layout.
 
-Layout (Megatron's): SAVE/iter_0000100/checkpoint.pt and SAVE/latest_checkpointed_iteration.txt.
-A checkpoint is written under a temporary name and renamed when complete; the tracker file is
-replaced only after that, so an interrupted save leaves the previous checkpoint the one `--load`
-picks.
+Layout (Megatron's): SAVE/iter_0000100/ and SAVE/latest_checkpointed_iteration.txt. Model and
+optimizer go through torch.distributed.checkpoint under layout-independent names (global layer
+numbers, experts by global index through their DTensor shapes), so a checkpoint saved under one
+parallel layout loads under another. Iteration, data position, arguments and model config go in
+meta.pt; each rank's RNG states in rng_RANK.pt. A checkpoint is written under a temporary name
+and renamed by rank 0 only after every rank has finished writing; the tracker file is replaced
+only after that, so an interrupted save leaves the previous checkpoint the one `--load` picks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from megatron_m6.config import ModelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +55,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def reason(e: BaseException) -> str:
+    """The cause, in one line, of an error from torch.distributed.checkpoint (whose exceptions
+    carry every rank's traceback; the last line names what went wrong)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """Silence torch.distributed.checkpoint's warning that it runs without a process group:
+    one process is a layout like any other here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _fsync_write(path: str, write) -> None:
     with open(path, "wb") as f:
         write(f)
@@ -48,37 +87,124 @@ def _fsync_write(path: str, write) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(save_dir: str, iteration: int, state: dict) -> str:
-    """Write `state` as iteration `iteration`, atomically; returns the checkpoint folder."""
-    os.makedirs(save_dir, exist_ok=True)
+def model_state(parts: list[nn.Module]) -> dict:
+    """Model state under M6's own names, whatever stages and wrappers this rank holds."""
+    state = {}
+    for part in parts:
+        state.update(get_model_state_dict(part))
+    return state
+
+
+def _optimizer_state(model: nn.Module, optimizer) -> dict:
+    """Flattened optimizer state; with several stages per rank (a ModuleList) the stage index is
+    dropped from the names, so they do not depend on the layout."""
+    state = get_optimizer_state_dict(model, optimizer, options=_FLAT)
+    if isinstance(model, nn.ModuleList):
+        state = {re.sub(r"^(state|param_groups)\.\d+\.", r"\1.", k): v for k, v in state.items()}
+    return state
+
+
+def _with_stage_index(model: nn.Module, state: dict) -> dict:
+    """Undo _optimizer_state's renaming for a ModuleList of stages."""
+    if not isinstance(model, nn.ModuleList):
+        return state
+    index = {}
+    for i, part in enumerate(model):
+        for name, _ in part.named_parameters():
+            index[name.replace("_checkpoint_wrapped_module.", "")] = i
+    out = {}
+    for k, v in state.items():
+        kind, rest = k.split(".", 1)
+        name = next(n for n in sorted(index, key=len, reverse=True) if rest.startswith(n + "."))
+        out[f"{kind}.{index[name]}.{rest}"] = v
+    return out
+
+
+def save_checkpoint(save_dir: str, iteration: int, model: nn.Module, optimizer, meta: dict) -> str:
+    """Called by every rank; returns the checkpoint folder."""
     final = os.path.join(save_dir, f"iter_{iteration:07d}")
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    _fsync_write(os.path.join(tmp, "checkpoint.pt"), lambda f: torch.save(state, f))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    tracker_tmp = os.path.join(save_dir, TRACKER + ".tmp")
-    _fsync_write(tracker_tmp, lambda f: f.write(str(iteration).encode()))
-    os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
+    tmp = f"{final}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    parts = list(model) if isinstance(model, nn.ModuleList) else [model]
+    with _one_process_is_fine():
+        dcp.save({"model": model_state(parts), "optimizer": _optimizer_state(model, optimizer)},
+                 checkpoint_id=tmp)
+    _fsync_write(os.path.join(tmp, f"rng_{_rank():05d}.pt"), lambda f: torch.save(rng_state(), f))
+    if _rank() == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        _fsync_write(os.path.join(tmp, "meta.pt"), lambda f: torch.save({**meta, "world_size": world}, f))
+    _barrier()  # every rank's files are complete and on disk
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(save_dir, TRACKER + ".tmp")
+        _fsync_write(tracker_tmp, lambda f: f.write(str(iteration).encode()))
+        os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
+    _barrier()
     return final
 
 
-def load_checkpoint(load_dir: str) -> dict:
-    """The state of the latest complete checkpoint under `load_dir`."""
+def latest_checkpoint(load_dir: str) -> tuple[str, dict]:
+    """(folder, meta) of the checkpoint the tracker names, or one clear CheckpointError."""
     tracker = os.path.join(load_dir, TRACKER)
     if not os.path.isfile(tracker):
         raise CheckpointError(f"no checkpoint in {load_dir}: {TRACKER} is missing")
     text = open(tracker).read().strip()
     if not text.isdigit():
         raise CheckpointError(f"{tracker} is corrupt: {text[:40]!r} is not an iteration number")
-    path = os.path.join(load_dir, f"iter_{int(text):07d}", "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{tracker} names iteration {text}, but {path} is missing")
+    path = os.path.join(load_dir, f"iter_{int(text):07d}")
+    for name in ("meta.pt", ".metadata"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"{tracker} names iteration {text}, but {os.path.join(path, name)} is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        meta = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=False)
+        dcp.FileSystemReader(path).read_metadata()
     except Exception as e:  # a truncated or foreign file: say which, not a deep traceback
         raise CheckpointError(f"{path} is corrupt or not a megatron_m6 checkpoint: {e}") from None
+    return path, meta
+
+
+def _read(path: str, state: dict) -> None:
+    """Load `state` (in place where its values are tensors) from the checkpoint. A tied head the
+    checkpoint lacks (saved by a layout whose optimizer knew the weight only as the embedding) is
+    read from the embedding's entry."""
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+
+    def source(group: str, key: str) -> str:
+        alias = key.replace("lm_head.weight", "embedding.word_emb.weight")
+        return alias if f"{group}.{key}" not in stored and f"{group}.{alias}" in stored else key
+
+    flat = {g: {source(g, k): v for k, v in entries.items()} for g, entries in state.items()}
+    try:
+        with _one_process_is_fine():
+            dcp.load(flat, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{path} does not fit this model: {reason(e)}") from None
+    for group, entries in state.items():
+        for key in entries:
+            entries[key] = flat[group][source(group, key)]
+
+
+def load_checkpoint(load_dir: str, model: nn.Module, optimizer, model_cfg: ModelConfig) -> dict:
+    """Load model and optimizer (any layout into any layout) and this rank's RNG states when the
+    world size matches; returns the checkpoint's meta (iteration, data position, arguments)."""
+    path, meta = latest_checkpoint(load_dir)
+    check_model_config(meta["model_config"], model_cfg)
+    parts = list(model) if isinstance(model, nn.ModuleList) else [model]
+    state = {"model": model_state(parts), "optimizer": _optimizer_state(model, optimizer)}
+    _read(path, state)
+    for part in parts:
+        own = get_model_state_dict(part)
+        set_model_state_dict(part, {k: state["model"][k] for k in own})
+    set_optimizer_state_dict(model, optimizer, _with_stage_index(model, state["optimizer"]), options=_FLAT)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rng_file = os.path.join(path, f"rng_{_rank():05d}.pt")
+    if meta.get("world_size") == world and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return meta
 
 
 # Settings that change how the model trains or computes, not the shapes of its weights.

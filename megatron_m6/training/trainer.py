@@ -268,22 +268,18 @@ class Trainer:
         return value
 
     # -- checkpoints ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "iteration": self.iteration, "consumed_samples": self.consumed_samples,
-                "scheduler": {"iteration": self.iteration}, "rng": ckpt.rng_state(),
-                "model_config": dataclasses.asdict(self.cfg.model),
-                "args": dataclasses.asdict(self.cfg)}
-
     def save(self) -> None:
-        path = ckpt.save_checkpoint(self.cfg.save, self.iteration, self.state_dict())
+        """Model, optimizer and RNG states of every rank, plus the schedule position (the LR is
+        a function of the iteration), data position, arguments and model config."""
+        meta = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "scheduler": {"iteration": self.iteration},
+                "model_config": dataclasses.asdict(self.cfg.model), "args": dataclasses.asdict(self.cfg)}
+        path = ckpt.save_checkpoint(self.cfg.save, self.iteration, self.model, self.optimizer, meta)
         self.log(f"saved checkpoint at iteration {self.iteration} to {path}")
 
-    def load(self, state: dict) -> None:
-        """Restore a `state_dict()`; the caller rebuilds the data loader from consumed_samples."""
-        ckpt.check_model_config(state["model_config"], self.cfg.model)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.iteration = state["iteration"]
-        self.consumed_samples = state["consumed_samples"]
-        ckpt.set_rng_state(state["rng"])
+    def load(self, load_dir: str) -> None:
+        """Resume from the latest checkpoint in `load_dir`, saved under any layout; the caller
+        builds the data loader from consumed_samples."""
+        meta = ckpt.load_checkpoint(load_dir, self.model, self.optimizer, self.cfg.model)
+        self.iteration = meta["iteration"]
+        self.consumed_samples = meta["consumed_samples"]
