@@ -51,7 +51,7 @@ MIN_LR=${MIN_LR:-1e-5}
 WARMUP_ITERS=${WARMUP_ITERS:-2000}
 DATA_PATH=${DATA_PATH:-}  # indexed prefix or "W1 P1 W2 P2" (tools/preprocess_data.py); or MOCK_DATA=1
 MOCK_DATA=${MOCK_DATA:-0}
-SAVE=${SAVE:-}  # empty: no checkpoints (several ranks cannot save until distributed checkpoints land)
+SAVE=${SAVE:-checkpoints/m6_base}  # empty: no checkpoints
 LOAD=${LOAD:-$SAVE}  # resumed from when it holds a checkpoint
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 EXIT_INTERVAL=${EXIT_INTERVAL:-}  # save and stop at multiples of this (before --time runs out)

@@ -4,8 +4,7 @@
 # from them, save a checkpoint, and caption held-out images with the caption accuracy.
 # Every setting can be overridden from the environment, e.g. TRAIN_ITERS=100 bash ...
 # NPROC=4 trains the same model with tensor x pipeline parallelism (TP2 x PP2) on this CPU:
-# torchrun starts 4 gloo ranks. Saving under parallelism needs distributed checkpoints, which
-# are not built yet, so that run trains and reports its losses without saving or captioning.
+# torchrun starts 4 gloo ranks; its checkpoint then captions on one process like any other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,14 +44,14 @@ TRAIN_ARGS=(
 
 if [ "$NPROC" -gt 1 ]; then
   echo "== training m6-tiny for $TRAIN_ITERS iterations on $NPROC ranks: TP$TP x PP$PP"
-  $PYTHON -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m megatron_m6.pretrain \
-    "${TRAIN_ARGS[@]}" --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-  exit 0
+  LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
+  TRAIN_ARGS+=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
+else
+  echo "== training m6-tiny for $TRAIN_ITERS iterations (all five tasks mixed)"
+  LAUNCH=("$PYTHON")
 fi
-
-echo "== training m6-tiny for $TRAIN_ITERS iterations (all five tasks mixed)"
 rm -rf "$SAVE"
-$PYTHON -m megatron_m6.pretrain "${TRAIN_ARGS[@]}" --save "$SAVE"
+"${LAUNCH[@]}" -m megatron_m6.pretrain "${TRAIN_ARGS[@]}" --save "$SAVE"
 
 echo "== captioning held-out images (never seen in training)"
 $PYTHON tools/generate.py --load "$SAVE" --vocab-file "$DATA/vocab.txt" \
