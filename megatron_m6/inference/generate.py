@@ -11,14 +11,12 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from PIL import Image
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.data.dataset import image_to_tensor
 from megatron_m6.model import M6, KVCache
-from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint, reason
+from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
 
 
 @dataclass
@@ -121,12 +119,7 @@ def load_model(load_dir: str, device: str | torch.device = "cpu") -> M6:
     # Inference never drops tokens: capacity depends on the batch, so a token's output would too.
     cfg.moe_capacity_factor = None
     model = M6(cfg)
-    state = {"model": model.state_dict()}
-    try:
-        dcp.load(state, checkpoint_id=path, no_dist=True)  # no process group: one device
-    except (Exception, CheckpointException) as e:  # missing or misshapen weights: one line
-        raise CheckpointError(f"checkpoint in {load_dir} does not fit its model_config: {reason(e)}") from None
-    model.load_state_dict(state["model"])
+    load_model_weights(path, model)
     return model.to(device).eval()
 
 

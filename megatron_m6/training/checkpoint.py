@@ -188,6 +188,18 @@ def _read(path: str, state: dict) -> None:
             entries[key] = flat[group][source(group, key)]
 
 
+def load_model_weights(path: str, model: nn.Module) -> None:
+    """Weights of the checkpoint folder `path` (saved under any layout) into a whole model on one
+    device, without torch.distributed: for generation and conversion."""
+    state = {"model": model.state_dict()}
+    try:
+        with _one_process_is_fine():
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+    except (Exception, CheckpointException) as e:  # missing or misshapen weights: one line
+        raise CheckpointError(f"{path} does not fit its model_config: {reason(e)}") from None
+    model.load_state_dict(state["model"])
+
+
 def load_checkpoint(load_dir: str, model: nn.Module, optimizer, model_cfg: ModelConfig) -> dict:
     """Load model and optimizer (any layout into any layout) and this rank's RNG states when the
     world size matches; returns the checkpoint's meta (iteration, data position, arguments)."""
