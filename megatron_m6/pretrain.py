@@ -17,7 +17,7 @@ from megatron_m6.model import M6
 from megatron_m6.parallel.pipeline_parallel import PipelineRunner, build_pipeline_stages
 from megatron_m6.model.attention import resolve_attention_backend
 from megatron_m6.model.moe import resolve_moe_dispatch_backend
-from megatron_m6.parallel import init_process_mesh, parallel_dims, parallelize
+from megatron_m6.parallel import destroy_process_mesh, init_process_mesh, parallel_dims, parallelize
 from megatron_m6.parallel.mesh import local_device, world_size_from_env
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if not isinstance(e, ConfigError) else 2)
+    finally:
+        destroy_process_mesh()
 
 
 if __name__ == "__main__":

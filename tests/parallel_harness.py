@@ -15,6 +15,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from megatron_m6.config import parse_args
+from megatron_m6.parallel import destroy_process_mesh
 from megatron_m6.pretrain import run, setup
 from megatron_m6.training.trainer import StepStats
 
@@ -113,8 +114,7 @@ def _worker(rank: int, world: int, port: int, fn, argv: list[str], out: str) -> 
         if rank == 0:
             torch.save(result, out)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_process_mesh()
 
 
 def run_parallel(world: int, argv: list[str], fn=train_steps):

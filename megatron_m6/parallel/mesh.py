@@ -8,6 +8,7 @@ with gloo on CPU and NCCL on GPUs.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -86,6 +87,16 @@ def init_process_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | 
                             mesh_dim_names=("pp", "edp", "ep", "tp"))
     mesh["edp", "ep"]._flatten("dp")
     return mesh
+
+
+def destroy_process_mesh() -> None:
+    """Tear the process groups down while the interpreter is still whole. Models hold their
+    groups (DTensor meshes, all-to-all hooks) in reference cycles; if the cycle collector only
+    meets them during interpreter shutdown, gloo's worker threads abort the process (SIGABRT after
+    a finished run). Collect first, then destroy."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size_from_env() -> int:
