@@ -111,6 +111,8 @@ class RunConfig:
     load: str | None = None
     save_interval: int | None = None
     exit_interval: int | None = None  # save and stop when the iteration is a multiple of this
+    async_save: bool = False  # write checkpoints in the background while training goes on
+    keep_last: int | None = None  # checkpoints to keep under --save (None: all)
     eval_interval: int | None = None
     eval_iters: int = 10
     log_interval: int = 10
@@ -227,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. text_denoising=1,prefix_lm=1,captioning=2 (default: all equal)")
     g.add_argument("--save", type=str)
     g.add_argument("--load", type=str)
+    g.add_argument("--async-save", action="store_true", default=None,
+                   help="copy the state to CPU memory and write it in the background")
+    g.add_argument("--keep-last", type=int, metavar="N",
+                   help="keep only the newest N complete checkpoints under --save")
     g.add_argument("--tensorboard-dir", type=str)
     return p
 
@@ -334,6 +340,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--task-weights must have a positive total")
     if any(w < 0 for w in cfg.task_weights.values()):
         raise ConfigError("--task-weights must not be negative")
+    if cfg.keep_last is not None and cfg.keep_last < 1:
+        raise ConfigError(f"--keep-last {cfg.keep_last} must be at least 1")
+    if (cfg.async_save or cfg.keep_last) and not cfg.save:
+        raise ConfigError("--async-save and --keep-last need --save")
     if cfg.load is not None and not os.path.isdir(cfg.load):
         raise ConfigError(f"--load {cfg.load} does not exist")
 

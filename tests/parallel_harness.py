@@ -68,13 +68,20 @@ def history(argv: list[str]) -> list[float]:
     return run(cfg, log=lambda line: None).history
 
 
+SAVING_FLAGS = {"--save": 1, "--save-interval": 1, "--keep-last": 1, "--async-save": 0}  # flag: values
+
+
 def stop_and_resume(argv: list[str]) -> tuple[list[float], list[float]]:
     """(6 steps straight, the last 3 of 6 after exiting at step 3 and resuming); argv holds
-    --save DIR for the checkpoint in between."""
-    i = argv.index("--save")
-    save, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+    --save DIR for the checkpoint in between, and maybe other saving flags for that run."""
+    rest, saving, i = [], [], 0
+    while i < len(argv):
+        n = SAVING_FLAGS.get(argv[i], -1) + 1
+        (saving if n else rest).extend(argv[i:i + max(n, 1)])
+        i += max(n, 1)
+    save = saving[saving.index("--save") + 1]
     straight = history(rest + ["--train-iters", "6"])
-    history(rest + ["--train-iters", "6", "--save", save, "--exit-interval", "3"])
+    history(rest + saving + ["--train-iters", "6", "--exit-interval", "3"])
     return straight, history(rest + ["--train-iters", "6", "--load", save])
 
 

@@ -110,12 +110,18 @@ def test_expert_parallel_layout_matches_single_process(layout):
     assert_close(run_parallel(world, argv + MOE), ref, layout)
 
 
-def test_exact_resume_under_tp2_pp2_dp2(tmp_path):
-    """6 steps straight equal 3 steps, exit, resume, 3 steps: loss for loss, bit for bit."""
+@pytest.mark.parametrize("saving", [[], ["--async-save", "--save-interval", "1", "--keep-last", "2"]],
+                         ids=["sync", "async-every-step"])
+def test_exact_resume_under_tp2_pp2_dp2(tmp_path, saving):
+    """6 steps straight equal 3 steps, exit, resume, 3 steps: loss for loss, bit for bit; saved
+    in the background too, while the next steps change the weights."""
     layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
               "--data-parallel-sharding", "optimizer", "--hidden-dropout", "0.1"]
-    straight, resumed = run_parallel(8, layout + FOUR_LAYERS + ["--save", str(tmp_path)], fn=stop_and_resume)
+    straight, resumed = run_parallel(8, layout + FOUR_LAYERS + saving + ["--save", str(tmp_path)],
+                                     fn=stop_and_resume)
     assert len(straight) == 6 and resumed == straight[3:]
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("iter_"))
+    assert kept == (["iter_0000002", "iter_0000003"] if saving else ["iter_0000003"])
 
 
 @pytest.mark.parametrize("chain", [

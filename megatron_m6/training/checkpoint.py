@@ -6,7 +6,8 @@ numbers, experts by global index through their DTensor shapes), so a checkpoint 
 parallel layout loads under another. Iteration, data position, arguments and model config go in
 meta.pt; each rank's RNG states in rng_RANK.pt. A checkpoint is written under a temporary name
 and renamed by rank 0 only after every rank has finished writing; the tracker file is replaced
-only after that, so an interrupted save leaves the previous checkpoint the one `--load` picks.
+only after that, so an interrupted save (even `kill -9`) leaves the previous checkpoint the one
+`--load` picks, and `--keep-last` removes older ones only then.
 """
 
 from __future__ import annotations
@@ -120,35 +121,100 @@ def _with_stage_index(model: nn.Module, state: dict) -> dict:
     return out
 
 
-def save_checkpoint(save_dir: str, iteration: int, model: nn.Module, optimizer, meta: dict) -> str:
-    """Called by every rank; returns the checkpoint folder."""
+def _publish(save_dir: str, iteration: int, keep_last: int | None) -> str:
+    """Rank 0, once every rank's files of iteration_N.tmp are complete and on disk: rename it to
+    its final name, point the tracker at it, then drop what is no longer needed (leftovers of
+    interrupted saves, and checkpoints beyond the newest `keep_last`)."""
     final = os.path.join(save_dir, f"iter_{iteration:07d}")
-    tmp = f"{final}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    parts = list(model) if isinstance(model, nn.ModuleList) else [model]
-    with _one_process_is_fine():
-        dcp.save({"model": model_state(parts), "optimizer": _optimizer_state(model, optimizer)},
-                 checkpoint_id=tmp)
-    _fsync_write(os.path.join(tmp, f"rng_{_rank():05d}.pt"), lambda f: torch.save(rng_state(), f))
-    if _rank() == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        _fsync_write(os.path.join(tmp, "meta.pt"), lambda f: torch.save({**meta, "world_size": world}, f))
-    _barrier()  # every rank's files are complete and on disk
-    if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(save_dir, TRACKER + ".tmp")
-        _fsync_write(tracker_tmp, lambda f: f.write(str(iteration).encode()))
-        os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
-    _barrier()
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(f"{final}.tmp", final)
+    tracker_tmp = os.path.join(save_dir, TRACKER + ".tmp")
+    _fsync_write(tracker_tmp, lambda f: f.write(str(iteration).encode()))
+    os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
+    names = os.listdir(save_dir)
+    complete = sorted(n for n in names if re.fullmatch(r"iter_\d{7}", n))
+    stale = [n for n in names if re.fullmatch(r"iter_\d{7}\.(tmp|deleting)", n)]
+    old = complete[:-keep_last] if keep_last else []
+    for name in old:  # renamed first: a half-deleted folder never looks like a checkpoint
+        os.replace(os.path.join(save_dir, name), os.path.join(save_dir, name + ".deleting"))
+    for name in stale + [n + ".deleting" for n in old]:
+        shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     return final
 
 
+class Checkpointer:
+    """Writes SAVE/iter_N for the trainer, every rank calling `save` together: synchronously, or
+    with `async_save` in a background thread while training goes on (each rank's state is
+    first copied to CPU memory, so later steps cannot change what is written).
+
+    A background save is published (renamed, tracker updated) by rank 0 as soon as its writes
+    are done, noticed by `poll()` between steps or by `wait()`; DCP writes the global metadata
+    only after every rank's shards are written and fsynced, so rank 0 alone can tell."""
+
+    def __init__(self, save_dir: str, async_save: bool = False, keep_last: int | None = None):
+        self.save_dir, self.async_save, self.keep_last = save_dir, async_save, keep_last
+        # Background saves talk over their own gloo group: their collectives run in the writer
+        # thread and must never interleave with the training collectives of the main thread.
+        self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.pending: tuple[object, int] | None = None  # (future, iteration)
+
+    def save(self, iteration: int, model: nn.Module, optimizer, meta: dict) -> str:
+        """Every rank; returns the folder the checkpoint has (or, in the background, will have)."""
+        self.wait()
+        tmp = os.path.join(self.save_dir, f"iter_{iteration:07d}.tmp")
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        _fsync_write(os.path.join(tmp, f"rng_{_rank():05d}.pt"), lambda f: torch.save(rng_state(), f))
+        if _rank() == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            _fsync_write(os.path.join(tmp, "meta.pt"), lambda f: torch.save({**meta, "world_size": world}, f))
+        parts = list(model) if isinstance(model, nn.ModuleList) else [model]
+        state = {"model": model_state(parts), "optimizer": _optimizer_state(model, optimizer)}
+        final = os.path.join(self.save_dir, f"iter_{iteration:07d}")
+        with _one_process_is_fine():
+            if self.async_save:
+                self.pending = (dcp.async_save(state, checkpoint_id=tmp, process_group=self.group), iteration)
+                return final
+            dcp.save(state, checkpoint_id=tmp)
+        _barrier()  # every rank's files are complete and on disk
+        if _rank() == 0:
+            _publish(self.save_dir, iteration, self.keep_last)
+        _barrier()
+        return final
+
+    def poll(self) -> int | None:
+        """Publish a finished background save; returns its iteration (None if none finished)."""
+        if self.pending is None or not self.pending[0].done():
+            return None
+        return self.wait()
+
+    def wait(self) -> int | None:
+        """Block until the background save (if any) is written, then publish it."""
+        if self.pending is None:
+            return None
+        future, iteration = self.pending
+        self.pending = None
+        try:
+            future.result()
+        except Exception as e:
+            raise CheckpointError(f"saving the checkpoint of iteration {iteration} failed: "
+                                  f"{reason(e)}; the previous checkpoint stays the latest") from None
+        if _rank() == 0:
+            _publish(self.save_dir, iteration, self.keep_last)
+        return iteration
+
+
+def save_checkpoint(save_dir: str, iteration: int, model: nn.Module, optimizer, meta: dict) -> str:
+    """One synchronous save, called by every rank; returns the checkpoint folder."""
+    return Checkpointer(save_dir).save(iteration, model, optimizer, meta)
+
+
 def latest_checkpoint(load_dir: str) -> tuple[str, dict]:
-    """(folder, meta) of the checkpoint the tracker names, or one clear CheckpointError."""
+    """(folder, meta) of the checkpoint the tracker names, or one clear CheckpointError: the
+    tracker, meta.pt, the DCP metadata and every data file it names (present and long enough)
+    are checked before anything is read into a model."""
     tracker = os.path.join(load_dir, TRACKER)
     if not os.path.isfile(tracker):
         raise CheckpointError(f"no checkpoint in {load_dir}: {TRACKER} is missing")
@@ -161,9 +227,21 @@ def latest_checkpoint(load_dir: str) -> tuple[str, dict]:
             raise CheckpointError(f"{tracker} names iteration {text}, but {os.path.join(path, name)} is missing")
     try:
         meta = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=False)
-        dcp.FileSystemReader(path).read_metadata()
+        storage = dcp.FileSystemReader(path).read_metadata().storage_data
     except Exception as e:  # a truncated or foreign file: say which, not a deep traceback
         raise CheckpointError(f"{path} is corrupt or not a megatron_m6 checkpoint: {e}") from None
+    if not isinstance(meta, dict) or "iteration" not in meta:
+        raise CheckpointError(f"{path}/meta.pt is not a megatron_m6 checkpoint's meta.pt")
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path} is incomplete: {name} is missing")
+        if os.path.getsize(file) < size:
+            raise CheckpointError(f"{path} is incomplete: {name} is truncated "
+                                  f"({os.path.getsize(file)} of {size} bytes)")
     return path, meta
 
 
@@ -202,19 +280,27 @@ def load_model_weights(path: str, model: nn.Module) -> None:
 
 def load_checkpoint(load_dir: str, model: nn.Module, optimizer, model_cfg: ModelConfig) -> dict:
     """Load model and optimizer (any layout into any layout) and this rank's RNG states when the
-    world size matches; returns the checkpoint's meta (iteration, data position, arguments)."""
+    world size matches; returns the checkpoint's meta (iteration, data position, arguments).
+    A model-only checkpoint (meta["model_only"], written by tools/checkpoint/convert.py) loads
+    the weights alone: training starts from them at iteration 0 with a fresh optimizer."""
     path, meta = latest_checkpoint(load_dir)
     check_model_config(meta["model_config"], model_cfg)
     parts = list(model) if isinstance(model, nn.ModuleList) else [model]
-    state = {"model": model_state(parts), "optimizer": _optimizer_state(model, optimizer)}
+    state = {"model": model_state(parts)}
+    if not meta.get("model_only"):
+        state["optimizer"] = _optimizer_state(model, optimizer)
     _read(path, state)
     for part in parts:
         own = get_model_state_dict(part)
         set_model_state_dict(part, {k: state["model"][k] for k in own})
+    if meta.get("model_only"):
+        return meta
     set_optimizer_state_dict(model, optimizer, _with_stage_index(model, state["optimizer"]), options=_FLAT)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    rng_file = os.path.join(path, f"rng_{_rank():05d}.pt")
-    if meta.get("world_size") == world and os.path.isfile(rng_file):
+    if meta.get("world_size") == world:  # same world: every rank continues its own RNG streams
+        rng_file = os.path.join(path, f"rng_{_rank():05d}.pt")
+        if not os.path.isfile(rng_file):
+            raise CheckpointError(f"{path} is incomplete: rng_{_rank():05d}.pt is missing")
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return meta
 

@@ -78,6 +78,8 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.history: list[float] = []  # global-batch loss per iteration
+        self.checkpointer = (ckpt.Checkpointer(cfg.save, cfg.async_save, cfg.keep_last)
+                             if cfg.save else None)
         self.writer = None
         if cfg.tensorboard_dir and self.parallel.is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
@@ -182,15 +184,23 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def train(self, train_loader) -> list[float]:
         """Run to `train_iters`; `train_loader` must start at `self.consumed_samples`."""
-        cfg = self.cfg
-        batches = iter(train_loader)
-        stats = StepStats()
-        saved = False
+        try:
+            self._train(iter(train_loader))
+        finally:  # a background save still in flight is finished, even when training failed
+            self.finish_saving()
+        if self.writer:
+            self.writer.close()
+        return self.history
+
+    def _train(self, batches) -> None:
+        cfg, stats, saved = self.cfg, StepStats(), False
         while self.iteration < cfg.train_iters:
             micro = list(itertools.islice(batches, self.num_micro_batches))
             if len(micro) < self.num_micro_batches:
                 raise TrainingError(f"data ran out at iteration {self.iteration + 1}")
             self.train_step(micro, stats)
+            if self.checkpointer:
+                self._log_published(self.checkpointer.poll())
             if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
                 self.log_stats(stats)
                 stats = StepStats()
@@ -204,9 +214,6 @@ class Trainer:
                 break
         if cfg.save and not saved:
             self.save()
-        if self.writer:
-            self.writer.close()
-        return self.history
 
     def log_stats(self, s: StepStats) -> None:
         elapsed = time.perf_counter() - s.start
@@ -274,8 +281,20 @@ class Trainer:
         meta = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                 "scheduler": {"iteration": self.iteration},
                 "model_config": dataclasses.asdict(self.cfg.model), "args": dataclasses.asdict(self.cfg)}
-        path = ckpt.save_checkpoint(self.cfg.save, self.iteration, self.model, self.optimizer, meta)
-        self.log(f"saved checkpoint at iteration {self.iteration} to {path}")
+        path = self.checkpointer.save(self.iteration, self.model, self.optimizer, meta)
+        if self.cfg.async_save:
+            self.log(f"saving checkpoint at iteration {self.iteration} to {path} in the background")
+        else:
+            self.log(f"saved checkpoint at iteration {self.iteration} to {path}")
+
+    def finish_saving(self) -> None:
+        """Wait for a background save to be written and published."""
+        if self.checkpointer:
+            self._log_published(self.checkpointer.wait())
+
+    def _log_published(self, iteration: int | None) -> None:
+        if iteration is not None:
+            self.log(f"checkpoint at iteration {iteration} is complete (written in the background)")
 
     def load(self, load_dir: str) -> None:
         """Resume from the latest checkpoint in `load_dir`, saved under any layout; the caller
