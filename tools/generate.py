@@ -1,4 +1,5 @@
-"""Generate with a trained M6 checkpoint: caption images, continue text, or score captions.
+"""Generate with a trained M6 checkpoint or release: caption images, continue text, or score
+captions. A release (tools/checkpoint/convert.py to-release) brings its own vocab.txt.
 
     python tools/generate.py --load CKPT --vocab-file DATA/vocab.txt --image cat.jpg
     python tools/generate.py --load CKPT --vocab-file DATA/vocab.txt --text "今天天气"
@@ -30,8 +31,9 @@ from megatron_m6.training.checkpoint import CheckpointError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate with a trained M6 checkpoint.",
                                 allow_abbrev=False)
-    p.add_argument("--load", required=True, help="checkpoint folder (the pretraining --save)")
-    p.add_argument("--vocab-file", required=True, help="the vocab.txt the model was trained with")
+    p.add_argument("--load", required=True, help="checkpoint folder (the pretraining --save) or release")
+    p.add_argument("--vocab-file", help="the vocab.txt the model was trained with "
+                                        "(default: the release's own vocab.txt)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", nargs="+", metavar="PATH", help="print a caption per image")
     what.add_argument("--text", help="print the model's continuation of this text")
@@ -116,9 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = sampling_config(p, args)
     try:
-        tok = M6Tokenizer.from_vocab_file(args.vocab_file)
         if not os.path.isdir(args.load):
             raise CheckpointError(f"--load {args.load} does not exist")
+        vocab = args.vocab_file or os.path.join(args.load, "vocab.txt")
+        if not os.path.isfile(vocab):
+            raise ValueError(f"--vocab-file is needed: {args.load} holds no vocab.txt")
+        tok = M6Tokenizer.from_vocab_file(vocab)
         model = load_model(args.load, pick_device(args.device))
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"--vocab-file has {tok.vocab_size} tokens but the model only "

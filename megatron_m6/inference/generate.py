@@ -7,15 +7,14 @@ cache each new token costs one position of compute instead of re-running the who
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from megatron_m6.config import ModelConfig
 from megatron_m6.data.dataset import image_to_tensor
 from megatron_m6.model import M6, KVCache
+from megatron_m6.conversion import is_release, load_release_weights, model_config_from_dict, release_config
 from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
 
 
@@ -102,24 +101,24 @@ def generate(model: M6, prefix_tokens: torch.Tensor, images: torch.Tensor | None
 
 
 def load_model(load_dir: str, device: str | torch.device = "cpu") -> M6:
-    """The M6 of the latest checkpoint under `load_dir` (saved under any parallel layout), rebuilt
-    from its saved model_config on one device, without torch.distributed."""
-    path, meta = latest_checkpoint(load_dir)
-    if not isinstance(meta, dict) or "model_config" not in meta:
-        raise CheckpointError(f"checkpoint in {load_dir} lacks its model_config; "
-                              "it was not written by megatron_m6 training")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    saved = meta["model_config"]
-    unknown = sorted(set(saved) - fields)
-    if unknown:
-        raise CheckpointError(f"checkpoint in {load_dir} has unknown model_config fields: "
-                              f"{', '.join(unknown)}")
-    # asdict + torch.save keep tuples, but a config that went through JSON has lists.
-    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    """The M6 of a release (tools/checkpoint/convert.py) or of the latest checkpoint under
+    `load_dir` (saved under any parallel layout), rebuilt from its saved model config on one
+    device, without torch.distributed."""
+    if is_release(load_dir):
+        cfg = release_config(load_dir)
+    else:
+        path, meta = latest_checkpoint(load_dir)
+        if "model_config" not in meta:
+            raise CheckpointError(f"checkpoint in {load_dir} lacks its model_config; "
+                                  "it was not written by megatron_m6 training")
+        cfg = model_config_from_dict(meta["model_config"], f"checkpoint in {load_dir}")
     # Inference never drops tokens: capacity depends on the batch, so a token's output would too.
     cfg.moe_capacity_factor = None
     model = M6(cfg)
-    load_model_weights(path, model)
+    if is_release(load_dir):
+        load_release_weights(load_dir, model)
+    else:
+        load_model_weights(path, model)
     return model.to(device).eval()
 
 

@@ -184,7 +184,7 @@ class M6(nn.Module):
         return self.lm_head(self.final_norm(x)), aux_total
 
 
-def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "") -> None:
     """Initialise `model` (M6, or a pipeline stage holding some of its modules under the same
     names) from each parameter's name and `seed` alone: every layout, and a stage materialised
     from the meta device, starts from the weights of one process.
@@ -194,7 +194,8 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     ResNet's convolutions He-initialised (fan-out) as torchvision does. Numbers are drawn on the
     CPU, so they do not depend on the device either. A parameter already sharded (a DTensor)
     receives its slice of the same global tensor; stacked experts are drawn expert by expert, so a
-    rank draws only the experts it holds."""
+    rank draws only the experts it holds. `prefix` names a submodule initialised on its own
+    (conversion tools materialise one module at a time)."""
     std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
     tied = not cfg.untie_embeddings_and_output_weights
 
@@ -229,6 +230,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     with torch.no_grad():
         for name, module in model.named_modules():
             name = name.replace("_checkpoint_wrapped_module.", "")  # recomputation wrappers
+            name = ".".join(filter(None, (prefix, name)))
             if isinstance(module, nn.Conv2d):
                 assign(module.weight, f"{name}.weight", he)
             elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):

@@ -121,7 +121,7 @@ def _with_stage_index(model: nn.Module, state: dict) -> dict:
     return out
 
 
-def _publish(save_dir: str, iteration: int, keep_last: int | None) -> str:
+def publish(save_dir: str, iteration: int, keep_last: int | None) -> str:
     """Rank 0, once every rank's files of iteration_N.tmp are complete and on disk: rename it to
     its final name, point the tracker at it, then drop what is no longer needed (leftovers of
     interrupted saves, and checkpoints beyond the newest `keep_last`)."""
@@ -180,7 +180,7 @@ class Checkpointer:
             dcp.save(state, checkpoint_id=tmp)
         _barrier()  # every rank's files are complete and on disk
         if _rank() == 0:
-            _publish(self.save_dir, iteration, self.keep_last)
+            publish(self.save_dir, iteration, self.keep_last)
         _barrier()
         return final
 
@@ -202,7 +202,7 @@ class Checkpointer:
             raise CheckpointError(f"saving the checkpoint of iteration {iteration} failed: "
                                   f"{reason(e)}; the previous checkpoint stays the latest") from None
         if _rank() == 0:
-            _publish(self.save_dir, iteration, self.keep_last)
+            publish(self.save_dir, iteration, self.keep_last)
         return iteration
 
 

@@ -1,0 +1,101 @@
+"""Convert checkpoints, streaming tensor by tensor (a 100B model never has to fit in memory).
+
+    # a training checkpoint (any parallel layout) -> a consolidated safetensors release
+    python tools/checkpoint/convert.py to-release --load checkpoints/m6_base --output releases/m6_base
+    # a release -> a model-only training checkpoint (--load trains from it under any layout)
+    python tools/checkpoint/convert.py from-release --input releases/m6_base --output checkpoints/from_release
+    # a fresh M6 whose image encoder is a torchvision ResNet-50 (model flags as for pretrain)
+    python tools/checkpoint/convert.py resnet --input resnet50.pth --output checkpoints/start -- --preset m6-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+# The code of this checkout (and its kernels/), even where another checkout is installed.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [REPO, os.path.join(REPO, "kernels")]
+
+from megatron_m6.config import ConfigError, parse_args
+from megatron_m6.conversion import (DTYPES, ConversionError, checkpoint_to_release,
+                                    release_to_checkpoint, resnet_to_checkpoint)
+from megatron_m6.pretrain import padded_vocab_size
+from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
+from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1024' (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB or 500MB")
+    unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(unit or "_"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("to-release", help="training checkpoint -> consolidated safetensors release")
+    r.add_argument("--load", required=True, help="a --save folder (the latest checkpoint is taken)")
+    r.add_argument("--output", required=True, help="release folder to create")
+    r.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
+                   help="larger releases are sharded with an index file (default 5GB)")
+    r.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights (default: as saved)")
+    r.add_argument("--vocab-file", help="tokenizer vocabulary to ship (default: the one training used)")
+    f = sub.add_parser("from-release", help="release -> model-only training checkpoint")
+    f.add_argument("--input", required=True, help="release folder")
+    f.add_argument("--output", required=True, help="--save-style folder to create")
+    n = sub.add_parser("resnet", help="torchvision ResNet-50 state dict -> image encoder of a fresh M6")
+    n.add_argument("--input", required=True, help="torchvision state dict (.pth, .pt or .safetensors)")
+    n.add_argument("--output", required=True, help="--save-style folder to create")
+    n.add_argument("model_flags", nargs=argparse.REMAINDER,
+                   help="after --: pretrain's model flags (--preset, --seed, --vocab-file, ...)")
+    return p
+
+
+def training_vocab(load_dir: str) -> str | None:
+    """The vocabulary the checkpoint was trained with: its --vocab-file, the shipped one, or
+    none for a --mock-data run."""
+    _, meta = latest_checkpoint(load_dir)
+    args = meta.get("args", {})
+    if args.get("mock_data"):
+        return None
+    return args.get("vocab_file") or DEFAULT_VOCAB_FILE
+
+
+def resnet_model_config(flags: list[str]):
+    """(ModelConfig, seed) exactly as `pretrain` would build them from the same flags."""
+    flags = [x for x in flags if x != "--"]
+    cfg = parse_args(flags + ([] if "--mock-data" in flags else ["--mock-data"]))
+    if "--mock-data" not in flags:  # the vocabulary training will read sets the vocab size
+        tok = M6Tokenizer.from_vocab_file(cfg.vocab_file or DEFAULT_VOCAB_FILE)
+        cfg.model.vocab_size = padded_vocab_size(tok.vocab_size)
+    return cfg.model, cfg.seed
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "to-release":
+            vocab = args.vocab_file or training_vocab(args.load)
+            summary = checkpoint_to_release(args.load, args.output, args.max_shard_size, args.dtype, vocab)
+            print(f"wrote {args.output}: {summary['tensors']} tensors, {summary['bytes'] / 2**30:.2f} GiB "
+                  f"in {summary['shards']} file(s)" + ("" if vocab else "; no vocabulary (mock-data run)"))
+        elif args.command == "from-release":
+            path = release_to_checkpoint(args.input, args.output)
+            print(f"wrote {path}: train from it with --load {args.output}")
+        else:
+            cfg, seed = resnet_model_config(args.model_flags)
+            path = resnet_to_checkpoint(args.input, cfg, seed, args.output)
+            print(f"wrote {path}: train from it with --load {args.output} and the same model flags")
+    except (CheckpointError, ConversionError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
