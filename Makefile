@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: torch install deps test-deps demo test bench bench-data
+.PHONY: torch install deps test-deps demo test bench bench-data bench-checkpoint
 
 # torch first, pinned, and only when none is present: an unpinned torch would pull a CUDA build,
 # and a user's own (CUDA) torch must never be replaced.
@@ -35,3 +35,7 @@ bench: deps
 # Corpus building (text MB/s, images/s) and data loader samples/s; numbers in docs/PERFORMANCE.md.
 bench-data: deps
 	$(PYTHON) tools/bench/data_pipeline.py
+
+# Checkpoint save/load GB/s for an m6-base-shaped model; numbers in docs/PERFORMANCE.md.
+bench-checkpoint: deps
+	$(PYTHON) tools/bench/checkpoint.py

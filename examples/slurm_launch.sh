@@ -24,6 +24,8 @@ if [ "$SEQUENCE_PARALLEL" = 1 ]; then ARGS+=(--sequence-parallel); fi
 if [ -n "$RECOMPUTE" ]; then ARGS+=(--recompute-granularity "$RECOMPUTE"); fi
 if [ -n "$EXIT_INTERVAL" ]; then ARGS+=(--exit-interval "$EXIT_INTERVAL"); fi
 if [ -n "$SAVE" ]; then ARGS+=(--save "$SAVE" --save-interval "$SAVE_INTERVAL"); fi
+if [ -n "$SAVE" ] && [ "${ASYNC_SAVE:-0}" = 1 ]; then ARGS+=(--async-save); fi
+if [ -n "$SAVE" ] && [ -n "${KEEP_LAST:-}" ]; then ARGS+=(--keep-last "$KEEP_LAST"); fi
 if [ -n "$LOAD" ] && [ -f "$LOAD/latest_checkpointed_iteration.txt" ]; then ARGS+=(--load "$LOAD"); fi
 if [ "$MOCK_DATA" = 1 ]; then
   ARGS+=(--mock-data)

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.model import M6, init_weights
-from megatron_m6.training.checkpoint import (CheckpointError, _fsync_write, _one_process_is_fine,
-                                             latest_checkpoint, publish, reason)
+from megatron_m6.training.checkpoint import (CheckpointError, _fsync_write, latest_checkpoint,
+                                             publish, reason)
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -163,6 +163,8 @@ def checkpoint_to_release(load_dir: str, output: str, max_shard_bytes: int = 5 *
     path, meta = latest_checkpoint(load_dir)
     cfg = model_config_from_dict(meta["model_config"], f"{path}/meta.pt")
     _refuse_existing(output)
+    if vocab_file and not os.path.isfile(vocab_file):
+        raise ConversionError(f"vocab file {vocab_file} does not exist")
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     tensors = {k.removeprefix("model."): v for k, v in stored.items()
                if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
@@ -178,31 +180,39 @@ def checkpoint_to_release(load_dir: str, output: str, max_shard_bytes: int = 5 *
     os.makedirs(tmp)
     weight_map = {}
     bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="to release", disable=not progress)
-    for k, names in enumerate(shards):
-        block = {}
-        for name in names:
-            t = torch.empty(tuple(tensors[name].size), dtype=tensors[name].properties.dtype)
-            state = {"model": {name: t}}
-            try:
-                with _one_process_is_fine():
-                    dcp.load(state, checkpoint_id=path, no_dist=True)
-            except Exception as e:
-                raise CheckpointError(f"{path}: reading {name} failed: {reason(e)}") from None
-            block[name] = state["model"][name].to(out_dtype[name]).contiguous()
-            weight_map[name] = _shard_name(k, len(shards))
-            bar.update(sizes[name])
-        save_file(block, os.path.join(tmp, _shard_name(k, len(shards))), metadata={"format": "pt"})
+    for k, names in enumerate(shards):  # one DCP read per shard: its tensors, nothing else
+        state = {"model": {name: torch.empty(tuple(tensors[name].size), dtype=tensors[name].properties.dtype)
+                           for name in names}}
+        try:
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: reading {names[0]}... failed: {reason(e)}") from None
+        block = {name: state["model"].pop(name).to(out_dtype[name]).contiguous() for name in names}
+        shard = os.path.join(tmp, _shard_name(k, len(shards)))
+        save_file(block, shard, metadata={"format": "pt"})
+        _fsync_file(shard)
+        weight_map.update({name: _shard_name(k, len(shards)) for name in names})
+        bar.update(sum(sizes[name] for name in names))
+        del block  # before the next shard is read: one shard in memory at a time
     bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         _write_text(os.path.join(tmp, INDEX), json.dumps(index, indent=2))
-    config = {"architectures": ["M6"], "torch_dtype": str(next(iter(out_dtype.values()))).removeprefix("torch."),
+    config = {"architectures": ["M6"], "torch_dtype": str(out_dtype[EMBEDDING]).removeprefix("torch."),
               "iteration": meta["iteration"], "model_config": dataclasses.asdict(cfg)}
     _write_text(os.path.join(tmp, CONFIG), json.dumps(config, indent=2, ensure_ascii=False))
     if vocab_file:
         shutil.copyfile(vocab_file, os.path.join(tmp, VOCAB))
     os.replace(tmp, output)
     return {"tensors": len(want), "bytes": sum(sizes.values()), "shards": len(shards)}
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -250,9 +260,8 @@ def write_model_checkpoint(save_dir: str, cfg: ModelConfig, make: Callable[[str]
     tmp = os.path.join(save_dir, "iter_0000000.tmp")
     os.makedirs(tmp)
     writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False)
-    with _one_process_is_fine():
-        dcp.save({"model": shapes}, storage_writer=writer, planner=_StreamingSavePlanner(checked),
-                 no_dist=True)
+    dcp.save({"model": shapes}, storage_writer=writer, planner=_StreamingSavePlanner(checked),
+             no_dist=True)
     bar.close()
     meta = {"iteration": 0, "consumed_samples": 0, "model_only": True,
             "model_config": dataclasses.asdict(cfg), "world_size": None}

@@ -18,6 +18,8 @@ from megatron_m6.model_size import model_size
     (["--mock-data", "--task-weights", "captioning=1,translation=2"], "unknown task"),
     (["--mock-data", "--num-experts", "6", "--moe-expert-prototypes", "4", "--moe-router-topk", "4"], "must divide"),
     (["--mock-data", "--load", "/no/such/checkpoint"], "does not exist"),
+    (["--mock-data", "--async-save"], "need --save"),
+    (["--mock-data", "--save", "x", "--keep-last", "0"], "must be at least 1"),
 ])
 def test_impossible_configurations_are_rejected(argv, message):
     with pytest.raises(ConfigError, match=message):

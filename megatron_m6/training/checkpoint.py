@@ -12,7 +12,6 @@ only after that, so an interrupted save (even `kill -9`) leaves the previous che
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import random
@@ -26,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -63,13 +63,9 @@ def reason(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:300]
 
 
-@contextlib.contextmanager
-def _one_process_is_fine():
-    """Silence torch.distributed.checkpoint's warning that it runs without a process group:
-    one process is a layout like any other here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+# torch.distributed.checkpoint warns whenever it runs without a process group; one process is a
+# layout like any other here. A filter, not catch_warnings: async saves warn from their thread.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def _rank() -> int:
@@ -156,6 +152,11 @@ class Checkpointer:
         # Background saves talk over their own gloo group: their collectives run in the writer
         # thread and must never interleave with the training collectives of the main thread.
         self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        # One stager for the whole run: it keeps its CPU copies (pinned on GPUs) and refills them
+        # at every save instead of allocating the whole state again.
+        self.stager = DefaultStager(StagingOptions(
+            use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+            use_async_staging=False, use_non_blocking_copy=False)) if async_save else None
         self.pending: tuple[object, int] | None = None  # (future, iteration)
 
     def save(self, iteration: int, model: nn.Module, optimizer, meta: dict) -> str:
@@ -173,11 +174,12 @@ class Checkpointer:
         parts = list(model) if isinstance(model, nn.ModuleList) else [model]
         state = {"model": model_state(parts), "optimizer": _optimizer_state(model, optimizer)}
         final = os.path.join(self.save_dir, f"iter_{iteration:07d}")
-        with _one_process_is_fine():
-            if self.async_save:
-                self.pending = (dcp.async_save(state, checkpoint_id=tmp, process_group=self.group), iteration)
-                return final
-            dcp.save(state, checkpoint_id=tmp)
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group,
+                                    async_stager=self.stager, no_dist=not dist.is_initialized())
+            self.pending = (future, iteration)
+            return final
+        dcp.save(state, checkpoint_id=tmp)
         _barrier()  # every rank's files are complete and on disk
         if _rank() == 0:
             publish(self.save_dir, iteration, self.keep_last)
@@ -204,6 +206,15 @@ class Checkpointer:
         if _rank() == 0:
             publish(self.save_dir, iteration, self.keep_last)
         return iteration
+
+    def close(self) -> int | None:
+        """Finish the background save, if any, and free the CPU copies; returns wait()'s value."""
+        try:
+            return self.wait()
+        finally:
+            if self.stager is not None:
+                self.stager.close()
+                self.stager = None
 
 
 def save_checkpoint(save_dir: str, iteration: int, model: nn.Module, optimizer, meta: dict) -> str:
@@ -257,8 +268,7 @@ def _read(path: str, state: dict) -> None:
 
     flat = {g: {source(g, k): v for k, v in entries.items()} for g, entries in state.items()}
     try:
-        with _one_process_is_fine():
-            dcp.load(flat, checkpoint_id=path)
+        dcp.load(flat, checkpoint_id=path)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"{path} does not fit this model: {reason(e)}") from None
     for group, entries in state.items():
@@ -271,8 +281,7 @@ def load_model_weights(path: str, model: nn.Module) -> None:
     device, without torch.distributed: for generation and conversion."""
     state = {"model": model.state_dict()}
     try:
-        with _one_process_is_fine():
-            dcp.load(state, checkpoint_id=path, no_dist=True)
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     except (Exception, CheckpointException) as e:  # missing or misshapen weights: one line
         raise CheckpointError(f"{path} does not fit its model_config: {reason(e)}") from None
     model.load_state_dict(state["model"])

@@ -288,9 +288,9 @@ class Trainer:
             self.log(f"saved checkpoint at iteration {self.iteration} to {path}")
 
     def finish_saving(self) -> None:
-        """Wait for a background save to be written and published."""
+        """Wait for a background save to be written and published, and free its CPU copies."""
         if self.checkpointer:
-            self._log_published(self.checkpointer.wait())
+            self._log_published(self.checkpointer.close())
 
     def _log_published(self, iteration: int | None) -> None:
         if iteration is not None:
