@@ -58,6 +58,17 @@ def test_keep_last_removes_older_checkpoints_and_interrupted_saves(tmp_path):
     assert latest_checkpoint(str(tmp_path))[1]["iteration"] == 4
 
 
+def test_keep_last_never_removes_the_checkpoint_just_published(tmp_path):
+    """A later iteration left by an earlier run in the same folder sorts last; the new run's
+    latest checkpoint must survive it anyway."""
+    quiet_run(["--train-iters", "5", "--save", str(tmp_path)])
+    quiet_run(["--train-iters", "2", "--save", str(tmp_path), "--save-interval", "1", "--keep-last", "1"])
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    quiet_run(["--train-iters", "2", "--save", str(tmp_path), "--load", str(tmp_path)])  # saves 2 again
+    assert latest_checkpoint(str(tmp_path))[1]["iteration"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+
+
 # The child saves forever, every weight equal to the iteration, and prints each iteration once
 # its checkpoint is the latest.
 CHILD = r"""

@@ -122,15 +122,17 @@ def publish(save_dir: str, iteration: int, keep_last: int | None) -> str:
     its final name, point the tracker at it, then drop what is no longer needed (leftovers of
     interrupted saves, and checkpoints beyond the newest `keep_last`)."""
     final = os.path.join(save_dir, f"iter_{iteration:07d}")
-    shutil.rmtree(final, ignore_errors=True)
+    if os.path.isdir(final):  # this iteration saved before: set aside, deleted after the tracker
+        shutil.rmtree(f"{final}.deleting", ignore_errors=True)
+        os.replace(final, f"{final}.deleting")
     os.replace(f"{final}.tmp", final)
     tracker_tmp = os.path.join(save_dir, TRACKER + ".tmp")
     _fsync_write(tracker_tmp, lambda f: f.write(str(iteration).encode()))
     os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
     names = os.listdir(save_dir)
-    complete = sorted(n for n in names if re.fullmatch(r"iter_\d{7}", n))
+    others = sorted(n for n in names if re.fullmatch(r"iter_\d{7}", n) and n != os.path.basename(final))
     stale = [n for n in names if re.fullmatch(r"iter_\d{7}\.(tmp|deleting)", n)]
-    old = complete[:-keep_last] if keep_last else []
+    old = others[:len(others) - (keep_last - 1)] if keep_last else []  # never the one just published
     for name in old:  # renamed first: a half-deleted folder never looks like a checkpoint
         os.replace(os.path.join(save_dir, name), os.path.join(save_dir, name + ".deleting"))
     for name in stale + [n + ".deleting" for n in old]:
