@@ -98,6 +98,7 @@ class RunConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     bf16: bool = False
+    params_dtype: str = "float32"  # float64: reference precision, for checking layouts
     seed: int = 1234
     # Data.
     data_path: list[str] | None = None  # Megatron's: PREFIX, or W1 PREFIX1 W2 PREFIX2 ...
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--" + name.replace("_", "-"), type=float)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"])
     g.add_argument("--bf16", action="store_true", default=None)
+    g.add_argument("--params-dtype", choices=["float32", "float64"],
+                   help="master weights and all arithmetic; float64 is a reference-precision run "
+                        "in which every layout reproduces one process to float64 rounding")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g = p.add_argument_group("parallelism")
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -330,6 +334,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.micro_batch_size < 1 or cfg.global_batch_size % cfg.micro_batch_size:
         raise ConfigError(f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
                           f"--micro-batch-size {cfg.micro_batch_size}")
+    if cfg.bf16 and cfg.params_dtype == "float64":
+        raise ConfigError("--bf16 and --params-dtype float64 contradict each other; drop one")
     if cfg.train_iters < 1:
         raise ConfigError("--train-iters must be at least 1")
     if cfg.min_lr > cfg.lr:

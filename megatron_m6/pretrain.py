@@ -19,6 +19,7 @@ from megatron_m6.model.attention import resolve_attention_backend
 from megatron_m6.model.moe import resolve_moe_dispatch_backend
 from megatron_m6.parallel import destroy_process_mesh, init_process_mesh, parallel_dims, parallelize
 from megatron_m6.parallel.mesh import local_device, world_size_from_env
+from megatron_m6.precision import PARAMS_DTYPES
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError
 from megatron_m6.training.trainer import Trainer, TrainingError
@@ -47,7 +48,7 @@ def pick_device(name: str) -> torch.device:
 
 def kernel_backends(cfg: RunConfig, device: torch.device) -> str:
     """The attention (and MoE dispatch) backends this run uses, for the start-up log line."""
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    dtype = torch.bfloat16 if cfg.bf16 else PARAMS_DTYPES[cfg.params_dtype]
     text = f"attention backend: {resolve_attention_backend(cfg.model, device, dtype)}"
     if cfg.model.num_experts:
         text += f"; MoE dispatch: {resolve_moe_dispatch_backend(cfg.model, device)}"
@@ -91,7 +92,7 @@ def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
     # own shards of them (parallelize), and every parameter is drawn from its name, so all
     # layouts start from the same weights.
     with torch.device("meta"):
-        full = M6(cfg.model)
+        full = M6(cfg.model).to(PARAMS_DTYPES[cfg.params_dtype])
     n_params = sum(p.numel() for p in full.parameters())
     if dims.pp > 1:
         stage_ids, parts = build_pipeline_stages(full, cfg, mesh["pp"].get_local_rank(), dims.pp)
@@ -105,7 +106,7 @@ def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
                                            device, cfg, micro_per_step)
     if parallel.is_logging_rank:
         log(f"M6 with {n_params / 1e6:.2f}M parameters on {device} "
-            f"({'bf16 autocast' if cfg.bf16 else 'fp32'}); {kernel_backends(cfg, device)}; layout: "
+            f"({'bf16 autocast' if cfg.bf16 else cfg.params_dtype}); {kernel_backends(cfg, device)}; layout: "
             f"TP{dims.tp} PP{dims.pp} EP{dims.ep} DP{dims.dp} ({cfg.data_parallel_sharding})")
     train_set, eval_set = build_datasets(cfg, tok)
     m = cfg.model

@@ -20,6 +20,7 @@ from megatron_m6.model_size import model_size
     (["--mock-data", "--load", "/no/such/checkpoint"], "does not exist"),
     (["--mock-data", "--async-save"], "need --save"),
     (["--mock-data", "--save", "x", "--keep-last", "0"], "must be at least 1"),
+    (["--mock-data", "--bf16", "--params-dtype", "float64"], "contradict each other"),
 ])
 def test_impossible_configurations_are_rejected(argv, message):
     with pytest.raises(ConfigError, match=message):

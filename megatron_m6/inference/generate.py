@@ -14,6 +14,7 @@ from PIL import Image
 
 from megatron_m6.data.dataset import image_to_tensor
 from megatron_m6.model import M6, KVCache
+from megatron_m6.precision import fp32_or_wider
 from megatron_m6.conversion import is_release, load_release_weights, model_config_from_dict, release_config
 from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
 
@@ -38,7 +39,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         return logits.argmax(-1)
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be positive, got {cfg.temperature}")
-    logits = logits.float() / cfg.temperature
+    logits = fp32_or_wider(logits) / cfg.temperature
     if cfg.top_k > 0:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

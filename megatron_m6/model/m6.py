@@ -21,6 +21,7 @@ from megatron_m6.config import ModelConfig
 from megatron_m6.model.attention import attention
 from megatron_m6.model.moe import GroupedExperts, MoEMLP
 from megatron_m6.model.resnet import ResNetFeatures
+from megatron_m6.precision import fp32_or_wider
 
 IMAGE, SOURCE, TARGET = 0, 1, 2  # modality (segment) ids
 
@@ -261,8 +262,9 @@ def materialize(model: nn.Module, cfg: ModelConfig, device: torch.device, seed: 
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross entropy per position [B, S], in fp32 (vocab-parallel logits under loss_parallel)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    """Cross entropy per position [B, S], in fp32 or wider (vocab-parallel logits under
+    loss_parallel)."""
+    ce = F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), labels.flatten(), reduction="none")
     if hasattr(ce, "full_tensor"):  # a DTensor from vocab-parallel cross entropy
         ce = ce.full_tensor()
     return ce.view(labels.shape)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from megatron_m6.config import ModelConfig
+from megatron_m6.precision import fp32_or_wider
 
 try:
     from m6_kernels import runtime as kernel_runtime
@@ -73,7 +74,7 @@ def aux_loss(probs: torch.Tensor, picks_per_expert: torch.Tensor, lse: torch.Ten
 def route(logits: torch.Tensor, cfg: ModelConfig) -> Routing:
     """Top-k (or prototype) routing with optional capacity, from router logits [T, E]."""
     T, E = logits.shape
-    logits = logits.float()
+    logits = fp32_or_wider(logits)
     groups = cfg.moe_expert_prototypes
     if groups > 1:
         # Softmax and top-1 inside each of the k groups.

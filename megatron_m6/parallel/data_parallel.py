@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron_m6.model.moe import MoEMLP
 from megatron_m6.parallel.expert_parallel import is_expert_param
+from megatron_m6.precision import reduce_dtype
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh,
@@ -32,7 +33,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh,
     expert parallelism already split are sharded over the expert-data-parallel mesh (FSDP then
     averages their gradients over edp only: the caller divides them by ep as well)."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.float32)
+                                  reduce_dtype=torch.float32 if bf16 else None)  # None: the params' own
     for block in model.layers.values():
         for module in block.modules():
             if isinstance(module, MoEMLP) and is_expert_param(module.experts.w1):
@@ -95,7 +96,8 @@ class GradAllReduce:
         for p in self.buckets[index]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([_local(p.grad).reshape(-1).float() for p in self.buckets[index]])
+        grads = [_local(p.grad) for p in self.buckets[index]]
+        flat = torch.cat([g.reshape(-1).to(reduce_dtype(g.dtype)) for g in grads])
         self.pending.append((index, flat, dist.all_reduce(flat, group=self.groups[index], async_op=True)))
         self.next_bucket = index + 1
 

@@ -27,6 +27,7 @@ from megatron_m6.parallel.expert_parallel import apply_expert_parallel, is_exper
 from megatron_m6.parallel.mesh import ParallelDims
 from megatron_m6.parallel.pipeline_parallel import PipelineRunner, tied_embedding_group
 from megatron_m6.parallel.tensor_parallel import apply_tensor_parallel
+from megatron_m6.precision import reduce_dtype
 
 
 @dataclass
@@ -93,7 +94,7 @@ class ParallelState:
             # The head's copy of a tied embedding is counted once, on the first stage.
             if p.grad is None or (p is self.tied_weight and self.pipeline and not self.pipeline.is_first):
                 continue
-            norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+            norm = torch.linalg.vector_norm(p.grad, dtype=reduce_dtype(p.grad.dtype))
             squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
         total = torch.stack(squares).sum() if squares else torch.zeros((), device=params[0].device)
         if self.pipeline is not None:

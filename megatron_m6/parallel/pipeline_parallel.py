@@ -21,6 +21,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleI
 
 from megatron_m6.config import TASK_NAMES, ModelConfig, RunConfig
 from megatron_m6.model.m6 import M6, text_positions, token_losses
+from megatron_m6.precision import PARAMS_DTYPES, fp32_or_wider
 
 
 
@@ -53,7 +54,7 @@ class PipelineStageModel(nn.Module):
             tokens, images = inputs
             x, _ = self.embedding(tokens, images, has_image, prefix_len)
             # A leaf, so the aux stream has a gradient path even through stages without MoE.
-            aux = torch.zeros(1, device=x.device, requires_grad=True)
+            aux = torch.zeros(1, device=x.device, dtype=fp32_or_wider(x).dtype, requires_grad=True)
         else:
             x, aux = inputs
         for layer in self.layers.values():
@@ -156,22 +157,26 @@ def _hidden(cfg: RunConfig, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states, aux) of one micro-batch between stages, split along the sequence under
     sequence parallelism; both carry gradients back."""
     seq = cfg.seq_length // tp if cfg.sequence_parallel else cfg.seq_length
-    return (torch.empty(cfg.micro_batch_size, seq, cfg.model.hidden_size, device="meta", requires_grad=True),
-            torch.empty(1, device="meta", requires_grad=True))
+    dtype = PARAMS_DTYPES[cfg.params_dtype]
+    return (torch.empty(cfg.micro_batch_size, seq, cfg.model.hidden_size, dtype=dtype, device="meta",
+                        requires_grad=True),
+            torch.empty(1, dtype=dtype, device="meta", requires_grad=True))
 
 
 def stage_inputs(stage: PipelineStageModel, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
     if stage.is_first:
         b, s, size = cfg.micro_batch_size, cfg.seq_length, cfg.model.image_size
         return (torch.empty(b, s, dtype=torch.long, device="meta"),
-                torch.empty(b, 3, size, size, device="meta"))
+                torch.empty(b, 3, size, size, dtype=PARAMS_DTYPES[cfg.params_dtype], device="meta"))
     return _hidden(cfg, tp)
 
 
 def stage_outputs(stage: PipelineStageModel, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
     if stage.is_last:  # vocabulary-parallel logits stay on this rank for the loss
-        logits = torch.empty(cfg.micro_batch_size, cfg.seq_length, cfg.model.vocab_size // tp, device="meta")
-        return logits, torch.empty(1, device="meta", requires_grad=True)
+        dtype = PARAMS_DTYPES[cfg.params_dtype]
+        logits = torch.empty(cfg.micro_batch_size, cfg.seq_length, cfg.model.vocab_size // tp, dtype=dtype,
+                             device="meta")
+        return logits, torch.empty(1, dtype=dtype, device="meta", requires_grad=True)
     return _hidden(cfg, tp)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from megatron_m6.config import TASK_NAMES, RunConfig
 from megatron_m6.model import token_losses
 from megatron_m6.parallel import ParallelDims, ParallelState
+from megatron_m6.precision import PARAMS_DTYPES
 from megatron_m6.training import checkpoint as ckpt
 from megatron_m6.training.schedule import learning_rate
 
@@ -90,7 +91,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """The batch on this rank's device; images and masks in the parameters' dtype (a
+        float64 run computes in float64 throughout; autocast casts for bf16)."""
+        dtype = PARAMS_DTYPES[self.cfg.params_dtype]
+        return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+                for k, v in batch.items()}
 
     def forward_loss(self, batch: dict):
         """(cross entropy per position, summed target loss, MoE aux loss) of one micro-batch."""
