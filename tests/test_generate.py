@@ -26,8 +26,10 @@ CLS, SEP, IMG, NEVER = 2, 3, 7, -1
 
 
 def tiny_model(**overrides) -> M6:
+    """In float64: cached and uncached decoding sum in different orders, and in fp32 two nearly
+    equal logits could swap places on another CPU; float64 rounding leaves no such ties."""
     torch.manual_seed(0)
-    return M6(ModelConfig(**{**TINY, **overrides})).eval()
+    return M6(ModelConfig(**{**TINY, **overrides})).double().eval()
 
 
 def prompt(model: M6, with_images: bool, batch: int = 3, source_len: int = 3):
@@ -39,7 +41,8 @@ def prompt(model: M6, with_images: bool, batch: int = 3, source_len: int = 3):
                         torch.full((batch, 1), SEP)], dim=1)
     if not with_images:
         return tokens, None, None
-    images = torch.randn(batch, 3, model.cfg.image_size, model.cfg.image_size, generator=g)
+    images = torch.randn(batch, 3, model.cfg.image_size, model.cfg.image_size, generator=g,
+                         dtype=model.lm_head.weight.dtype)
     return tokens, images, torch.tensor([True, False, True][:batch])
 
 
@@ -77,13 +80,14 @@ def test_cached_logits_match_full_forward(variant, with_images):
     prefix_len = torch.full((B,), plen)
     with torch.no_grad():
         reference, _ = model(seq, prefix_len, torch.full((B,), seq.shape[1]), images, has_image)
-        cache = KVCache(model.cfg, B, seq.shape[1], "cpu", torch.float32)
+        cache = KVCache(model.cfg, B, seq.shape[1], "cpu", torch.float64)
         logits, _ = model(prefix, prefix_len, prefix_len, images, has_image, cache, 0)
-        torch.testing.assert_close(logits, reference[:, :plen], rtol=0, atol=1e-5)
+        # Logits of order 1 in float64: other summation orders differ by ~1e-15.
+        torch.testing.assert_close(logits, reference[:, :plen], rtol=0, atol=1e-12)
         for pos in range(plen, seq.shape[1]):
             logits, _ = model(seq[:, pos:pos + 1], prefix_len, torch.full((B,), pos + 1),
                               images, has_image, cache, pos)
-            torch.testing.assert_close(logits[:, 0], reference[:, pos], rtol=0, atol=1e-5)
+            torch.testing.assert_close(logits[:, 0], reference[:, pos], rtol=0, atol=1e-12)
 
 
 def test_generation_respects_position_limit_and_restores_mode():
