@@ -26,7 +26,9 @@ install: torch
 demo: deps
 	bash examples/pretrain_m6_tiny.sh
 
+# The machine first (CPU, versions, threads): a failure report then says where it ran.
 test: test-deps
+	@$(PYTHON) tools/machine_info.py
 	$(PYTHON) -m pytest -q tests
 
 bench: deps
