@@ -93,30 +93,39 @@ def test_recomputation_gives_the_same_gradients():
 
 
 def test_model_with_fused_attention_matches_sdpa(monkeypatch):
-    """Loss and every gradient of a tiny M6 (head dim 64, two heads) agree between backends."""
+    """Loss and every gradient of a tiny M6 (head dim 64, two heads) with the fused kernel in fp32,
+    against the same model on sdpa in float64. The loss and the whole gradient are held to the
+    fp32 bound (1e-5); each parameter on its own to 8x the largest distance of the fp32 sdpa run
+    from float64, the noise floor of fp32 (BatchNorm weights of the ResNet, normalising over three
+    images, round to ~5e-6 on their own)."""
     import m6_kernels.attention
 
     calls = []
     kernel = m6_kernels.attention.prefix_lm_attention
     monkeypatch.setattr(m6_kernels.attention, "prefix_lm_attention", lambda *a: calls.append(1) or kernel(*a))
     results = {}
-    for backend in ("sdpa", "fused"):
+    for backend, dtype in (("sdpa", torch.float64), ("sdpa", torch.float32), ("fused", torch.float32)):
         cfg = tiny_config(hidden_size=128, num_attention_heads=2, ffn_hidden_size=64, attention_backend=backend)
         torch.manual_seed(0)
-        model = M6(cfg).to(DEVICE)
+        model = M6(cfg).to(DEVICE, dtype)
         batch = {k: v.to(DEVICE) for k, v in random_batch(cfg, batch=3, seq=27).items()}
-        logits, aux = model(batch["tokens"], batch["prefix_len"], batch["valid_len"], batch["images"],
-                            batch["has_image"])
+        logits, aux = model(batch["tokens"], batch["prefix_len"], batch["valid_len"],
+                            batch["images"].to(dtype), batch["has_image"])
         loss = target_loss(logits, batch["labels"], batch["loss_mask"]) / batch["loss_mask"].sum() + aux
         loss.backward()
-        results[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        results[backend, dtype] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
     assert len(calls) == cfg.num_layers  # the fused run really ran the kernel, in every layer
-    (loss_s, grads_s), (loss_f, grads_f) = results["sdpa"], results["fused"]
-    assert rel_err(loss_f, loss_s) < 1e-6
-    assert grads_s.keys() == grads_f.keys()
-    for name in grads_s:
-        if grads_s[name].norm() > 0:
-            assert rel_err(grads_f[name], grads_s[name]) < 1e-5, name
+    (loss64, grads64), (_, grads32) = results["sdpa", torch.float64], results["sdpa", torch.float32]
+    loss_f, grads_f = results["fused", torch.float32]
+    assert rel_err(loss_f, loss64) < TOL[torch.float32]
+    assert grads64.keys() == grads_f.keys() and all(g is not None for g in grads_f.values())
+    full = {name: torch.cat([g[n].flatten().double() for n in sorted(grads64)]) for name, g in
+            (("fused", grads_f), ("float64", grads64))}
+    assert rel_err(full["fused"], full["float64"]) < TOL[torch.float32]
+    noise = max(rel_err(grads32[n], grads64[n]) for n in grads64 if grads64[n].norm() > 0)
+    for name in grads64:
+        if grads64[name].norm() > 0:
+            assert rel_err(grads_f[name], grads64[name]) <= 8 * noise, (name, noise)
 
 
 def test_backend_choice():
