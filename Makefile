@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: torch install deps test-deps demo test bench bench-data bench-checkpoint
+.PHONY: torch install deps test-deps demo test test-seeds bench bench-data bench-checkpoint
 
 # torch first, pinned, and only when none is present: an unpinned torch would pull a CUDA build,
 # and a user's own (CUDA) torch must never be replaced.
@@ -30,6 +30,18 @@ demo: deps
 test: test-deps
 	@$(PYTHON) tools/machine_info.py
 	$(PYTHON) -m pytest -q tests
+
+# The kernel, MoE, attention and model tests under SEEDS fresh seeds (torch's global generator
+# from M6_TEST_SEED; the kernel tests draw their own from os.urandom): every failing seed is printed.
+SEEDS ?= 50
+SEEDED_TESTS := tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm_ce.py \
+	tests/test_moe.py tests/test_attention.py tests/test_model.py
+test-seeds: test-deps
+	@failed=0; for i in $$(seq $(SEEDS)); do \
+	  seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
+	  M6_TEST_SEED=$$seed $(PYTHON) -m pytest -q -p no:cacheprovider $(SEEDED_TESTS) > .seed_run.log 2>&1 \
+	    || { failed=$$((failed + 1)); echo "seed $$seed failed:"; grep -E "^(FAILED|E )" .seed_run.log | head -5; }; \
+	done; rm -f .seed_run.log; echo "$$failed of $(SEEDS) seeded runs failed"; [ $$failed -eq 0 ]
 
 bench: deps
 	$(PYTHON) tools/bench/train_step.py
