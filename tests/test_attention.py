@@ -36,5 +36,5 @@ def test_attention_matches_float64_reference():
     allowed = prefix_lm_mask(prefix, valid, S, S)
     ref = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
     rel = (out.double() - ref).norm() / ref.norm()
-    assert rel < 1e-5
+    assert rel < 1e-5  # DESIGN.md's fp32 bound: fp32 rounding over 13 keys is ~1e-7
     assert not torch.isnan(out).any()

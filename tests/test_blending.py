@@ -71,6 +71,7 @@ def test_sample_index_is_prefix_stable_and_weighted():
     t2, s2, d2 = sample_index(probs, weights, 0, 0, 20000)
     assert np.array_equal(t1, t2[:1000]) and np.array_equal(s1, s2[:1000]) and np.array_equal(d1, d2[:1000])
     assert set(s2[t2 == 1]) == {2} and set(s2[t2 == 0]) == {0, 1}
+    # Binomial bounds on a fixed draw (numpy's generators give it on every CPU): 7 and 4.4 sd.
     assert abs((t2 == 1).mean() - 0.8) < 0.02
     assert abs((s2[t2 == 0] == 0).mean() - 0.75) < 0.03
     for s in range(3):  # draws count each source's samples in order
@@ -103,6 +104,7 @@ def test_blend_weights_tasks_and_splits(data):
         assert (s["image"] is not None) == (task in IMAGE_TASKS)
         assert TOK.eos_id not in s["tokens"].tolist()[:-1]  # the stored [EOS] is stripped
     text = counts["甲", False] + counts["乙", False]
+    # Binomial bounds on a fixed draw: 3.5 sd (1200 samples) and 2.5 sd (~480 text samples).
     assert counts["图", True] + text == 1200 and abs(text / 1200 - 0.4) < 0.05  # 2 of 5 tasks
     assert abs(counts["甲", False] / text - 0.75) < 0.05
     # Splits: valid reads documents 98-99 of a (98% of 100), 49 of b, 29 of mm.

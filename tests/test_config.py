@@ -44,8 +44,11 @@ def test_preset_then_flags():
 @pytest.mark.parametrize("preset, total, active", [("m6-10b", 10e9, None), ("m6-100b", 100e9, 1e9)])
 def test_presets_land_on_their_parameter_counts(preset, total, active):
     size = model_size(parse_args(["--mock-data", "--preset", preset]))
-    assert abs(size.total_params - total) <= 0.05 * total
+    assert abs(size.total_params - total) <= 0.05 * total  # DESIGN.md: 10B and 100B, each +-5%
     if active:
         assert size.active_params < active
-    # Training FLOPs per token of a dense-equivalent transformer are close to 6 x active params.
+    # Training FLOPs per token of a dense-equivalent transformer are close to 6 x active params
+    # (counted exactly on the meta device: 1.017 for m6-10b, 0.997 for m6-100b; attention scores
+    # add, embedding tables never multiplied take away). A forward without its backward (1/3) or
+    # a count made twice (2) falls outside.
     assert 0.8 < size.train_flops_per_token / (6 * size.active_params) < 1.3

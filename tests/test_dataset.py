@@ -65,12 +65,13 @@ def test_image_to_tensor():
     x = image_to_tensor(Image.new("RGB", (60, 20), (255, 0, 128)), 16)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and x.is_contiguous()
     want = [(v / 255 - m) / s for v, m, s in zip((255, 0, 128), IMAGENET_MEAN, IMAGENET_STD)]
-    assert torch.allclose(x, torch.tensor(want)[:, None, None].expand(3, 16, 16), atol=1e-5)
+    # fp32 arithmetic on values below 3 against Python's float64: rounding ~3e-7.
+    assert torch.allclose(x, torch.tensor(want)[:, None, None].expand(3, 16, 16), rtol=0, atol=1e-5)
     # Centre crop: a wide image whose outer thirds are black keeps only its white middle.
     img = Image.new("L", (90, 30), 0)
     img.paste(255, (30, 0, 60, 30))
     x = image_to_tensor(img, 30)
-    assert torch.allclose(x[0], torch.full((30, 30), (1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]))
+    assert torch.allclose(x[0], torch.full((30, 30), (1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]), rtol=0, atol=1e-5)
 
 
 def test_samples_follow_layout(data_dir):
@@ -101,7 +102,7 @@ def test_task_weights(data_dir):
     ds = make(data_dir, {"prefix_lm": 1, "captioning": 3}, num_samples=2000)
     counts = Counter(ds[i]["task_id"] for i in range(len(ds)))
     assert set(counts) == {TASK_NAMES.index("prefix_lm"), TASK_NAMES.index("captioning")}
-    assert abs(counts[TASK_NAMES.index("captioning")] / 2000 - 0.75) < 0.04
+    assert abs(counts[TASK_NAMES.index("captioning")] / 2000 - 0.75) < 0.04  # 4.1 binomial sd
     # Only text tasks: the caption file is not needed, no image is ever decoded.
     ds = make(data_dir, {"text_denoising": 1}, num_samples=50)
     assert {ds[i]["task_id"] for i in range(50)} == {0}
@@ -111,7 +112,7 @@ def test_equal_weights_by_default(data_dir):
     ds = make(data_dir, None, num_samples=1500)
     counts = Counter(ds[i]["task_id"] for i in range(len(ds)))
     assert sorted(counts) == list(range(len(TASK_NAMES)))
-    assert all(abs(c / 1500 - 0.2) < 0.04 for c in counts.values())
+    assert all(abs(c / 1500 - 0.2) < 0.04 for c in counts.values())  # 3.9 binomial sd
 
 
 def test_split_reads_its_share_of_documents(data_dir):

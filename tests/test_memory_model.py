@@ -153,7 +153,8 @@ def script_layout(script: str) -> tuple[str, Layout]:
 def test_launch_script_layouts_fit_an_80gb_gpu(script):
     preset, layout = script_layout(script)
     mem = estimate_rank_memory(ModelConfig(**PRESETS[preset]["model"]), layout)
-    assert mem.total < 64 * 2**30  # leaves room for buffers, fragmentation and the CUDA context
+    # 80 GB (74.5 GiB) less ~10 GiB for buffers, fragmentation and the CUDA context.
+    assert mem.total < 64 * 2**30
     pasted = re.search(r"total (\S+) GiB", (ROOT / "examples" / script).read_text()).group(1)
     assert pasted == f"{mem.total / 2**30:.2f}", "re-run model_size and paste its output"
 

@@ -97,6 +97,8 @@ def test_tiny_model_overfits_one_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
+    # From ln(101) = 4.62 (near-zero logits at init); memorising reaches 0.05 by step ~50 and
+    # 0.0070 at step 150 (1 and 2 threads agree to 1e-8), so the bound has 100 steps to spare.
     assert first > 4.0 and loss.item() < 0.05, (first, loss.item())
 
 

@@ -32,6 +32,7 @@ def test_dropless_equals_per_token_loop(k):
     x = torch.randn(37, cfg.hidden_size)
     y, aux = moe(x)
     ref = per_token_reference(moe, x, k)
+    # DESIGN.md's fp32 bound against float64: fp32 rounding over sums of 32-64 terms is ~1e-7.
     assert (y.double() - ref).norm() / ref.norm() < 1e-5
     assert torch.isfinite(aux)
 
@@ -78,7 +79,8 @@ def test_expert_prototyping_routes_top1_in_each_group():
         assert picks == [int(logits[t, :3].argmax()), 3 + int(logits[t, 3:].argmax())]
         gates = r.gate[r.token_idx == t]
         expected = torch.stack([logits[t, :3].softmax(-1).max(), logits[t, 3:].softmax(-1).max()])
-        assert torch.allclose(gates.sort().values, expected.sort().values)
+        # The same fp32 softmax, computed over the same group by another call: ~1 ulp apart.
+        assert torch.allclose(gates.sort().values, expected.sort().values, rtol=1e-6, atol=0)
 
 
 def test_load_balancing_loss_matches_definition_and_is_minimal_when_balanced():
@@ -87,7 +89,8 @@ def test_load_balancing_loss_matches_definition_and_is_minimal_when_balanced():
     r = route(logits, cfg)
     probs = logits.softmax(-1)
     frac = torch.bincount(probs.argmax(-1), minlength=4).float() / 40
-    assert torch.allclose(r.aux_loss, 4 * (frac * probs.mean(0)).sum())
+    assert torch.allclose(r.aux_loss, 4 * (frac * probs.mean(0)).sum(), rtol=1e-6, atol=0)  # fp32, 4 terms
+    # Balanced picks and probabilities 1/4 + O(1e-3): the loss is 4 * 4 * (1/4 * 1/4) = 1 + O(1e-3).
     uniform = route(torch.zeros(40, 4) + torch.eye(4).repeat(10, 1) * 1e-3, cfg)
     assert uniform.aux_loss == pytest.approx(1.0, rel=1e-2)
 
@@ -97,4 +100,5 @@ def test_z_loss_adds_squared_logsumexp():
     logits = torch.randn(9, 4)
     plain = route(logits, base).aux_loss
     with_z = route(logits, tiny_config(num_experts=4, moe_router_topk=2, moe_z_loss_coeff=0.1)).aux_loss
-    assert torch.allclose(with_z - plain, 0.1 * torch.logsumexp(logits, -1).square().mean())
+    # A difference of two fp32 sums of order 1: a few ulp of the larger term.
+    assert torch.allclose(with_z - plain, 0.1 * torch.logsumexp(logits, -1).square().mean(), rtol=1e-5, atol=1e-6)

@@ -71,6 +71,8 @@ def test_image_matches_caption(size):
         cell, count, colour, _ = parse_caption(caption)
         pixels = np.asarray(img, dtype=np.int16)
         assert pixels.shape == (size, size, 3)
+        # Drawn without antialiasing into a lossless PNG: a pixel is white or the caption's colour
+        # jittered by at most COLOUR_JITTER (+5 slack); named colours are >= 160 apart, white >= 215.
         near = (np.abs(pixels - np.array(COLOURS[colour])) <= COLOUR_JITTER + 5).all(-1)
         assert (near | (pixels == 255).all(-1)).all(), "pixels other than white and the colour"
         found = blobs(near)

@@ -37,6 +37,7 @@ def test_log_line_has_every_field_and_loss_falls():
     assert len(logs) == 3
     for field in ("loss", "lr", "grad norm", "tokens/s", "samples/s"):
         assert field in logs[0]
+    # Deterministic data and weights: the sums go 24.18 -> 23.56; fp32 rounding moves each ~1e-6.
     assert sum(trainer.history[-5:]) < sum(trainer.history[:5])
 
 
