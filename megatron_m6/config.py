@@ -112,6 +112,8 @@ class RunConfig:
     load: str | None = None
     save_interval: int | None = None
     exit_interval: int | None = None  # save and stop when the iteration is a multiple of this
+    exit_signal_handler: bool = False  # on SIGTERM/SIGUSR1: finish the step, save, exit 0
+    exit_duration_in_mins: float | None = None  # save and stop once training has run this long
     async_save: bool = False  # write checkpoints in the background while training goes on
     keep_last: int | None = None  # checkpoints to keep under --save (None: all)
     eval_interval: int | None = None
@@ -129,6 +131,11 @@ class RunConfig:
     recompute_granularity: str | None = None  # selective | full
     num_layers_per_virtual_pipeline_stage: int | None = None
     pipeline_schedule: str = "1f1b"  # 1f1b (interleaved with virtual stages) | zero_bubble
+    distributed_timeout_minutes: float = 10.0  # a collective that waits longer fails (and dumps a trace)
+    # Dry run: build one rank's real layout of a `world_size` job on the meta device, check it, exit.
+    dry_run: bool = False
+    world_size: int | None = None
+    rank: int | None = None
 
     @property
     def num_micro_batches(self) -> int:
@@ -218,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-parallel-sharding", choices=["replicate", "optimizer", "full"])
     g.add_argument("--overlap-grad-reduce", action="store_true", default=None)
     g.add_argument("--recompute-granularity", choices=["selective", "full"])
+    g.add_argument("--distributed-timeout-minutes", type=float,
+                   help="fail a collective that waits longer than this (default 10)")
+    g.add_argument("--dry-run", action="store_true", default=None,
+                   help="build the layout of rank --rank in a --world-size job on the meta device "
+                        "over a fake process group, check it, print its sizes and exit")
+    g.add_argument("--world-size", type=int, help="with --dry-run: the job's number of ranks")
+    g.add_argument("--rank", type=int, help="with --dry-run: the rank to build")
     g.add_argument("--pipeline-schedule", choices=["1f1b", "zero_bubble"],
                    help="1f1b is interleaved 1F1B with --num-layers-per-virtual-pipeline-stage; "
                         "zero_bubble is the interleaved zero-bubble schedule")
@@ -231,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic batches of the configured shapes")
     g.add_argument("--task-weights", type=str,
                    help="e.g. text_denoising=1,prefix_lm=1,captioning=2 (default: all equal)")
+    g.add_argument("--exit-signal-handler", action="store_true", default=None,
+                   help="on SIGTERM or SIGUSR1 finish the current step, save and exit 0")
+    g.add_argument("--exit-duration-in-mins", type=float,
+                   help="save and exit 0 once training has run this many minutes")
     g.add_argument("--save", type=str)
     g.add_argument("--load", type=str)
     g.add_argument("--async-save", action="store_true", default=None,
@@ -350,6 +368,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--keep-last {cfg.keep_last} must be at least 1")
     if (cfg.async_save or cfg.keep_last) and not cfg.save:
         raise ConfigError("--async-save and --keep-last need --save")
+    if cfg.exit_duration_in_mins is not None and cfg.exit_duration_in_mins <= 0:
+        raise ConfigError("--exit-duration-in-mins must be positive")
+    if cfg.distributed_timeout_minutes <= 0:
+        raise ConfigError("--distributed-timeout-minutes must be positive")
+    if cfg.dry_run and (cfg.world_size is None or cfg.rank is None):
+        raise ConfigError("--dry-run needs --world-size N and --rank R")
+    if (cfg.world_size is not None or cfg.rank is not None) and not cfg.dry_run:
+        raise ConfigError("--world-size and --rank are for --dry-run (torchrun sets them otherwise)")
+    if cfg.dry_run and not (cfg.world_size >= 1 and 0 <= cfg.rank < cfg.world_size):
+        raise ConfigError(f"--rank {cfg.rank} is not in [0, --world-size {cfg.world_size})")
     if cfg.load is not None and not os.path.isdir(cfg.load):
         raise ConfigError(f"--load {cfg.load} does not exist")
 
