@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.model.attention import attention
 from megatron_m6.model.moe import GroupedExperts, MoEMLP
 from megatron_m6.model.resnet import ResNetFeatures
-from megatron_m6.precision import fp32_or_wider
+from megatron_m6.precision import LayerNorm, fp32_or_wider
 
 IMAGE, SOURCE, TARGET = 0, 1, 2  # modality (segment) ids
 
@@ -86,9 +86,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_number: int):
         super().__init__()
         self.layer_number = layer_number
-        self.input_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.input_norm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.attn = SelfAttention(cfg)
-        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp_norm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer_number) else MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -161,7 +161,7 @@ class M6(nn.Module):
         self.embedding = Embedding(cfg)
         # Keyed by global layer number so names stay stable when layers are split across ranks.
         self.layers = nn.ModuleDict({str(i): Block(cfg, i + 1) for i in range(cfg.num_layers)})
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.final_norm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if not cfg.untie_embeddings_and_output_weights:
             self.lm_head.weight = self.embedding.word_emb.weight
@@ -185,6 +185,41 @@ class M6(nn.Module):
         return self.lm_head(self.final_norm(x)), aux_total
 
 
+def local_indices(p: torch.Tensor) -> list[torch.Tensor]:
+    """For each dimension of `p`, the global indices of the rows this rank holds: all of them for
+    a plain tensor; for a DTensor, what its placements give this rank's mesh coordinates (Shard,
+    Replicate, and the _StridedShard FSDP puts over a dimension tensor or expert parallelism
+    already split). Sharding one dimension does not depend on the others, so each dimension is
+    worked out on its own, by laying out a 1-D index vector like that dimension of `p`."""
+    if not isinstance(p, DTensor):
+        return [torch.arange(n) for n in p.shape]
+    indices = []
+    for dim, n in enumerate(p.shape):
+        placements = [_on_first_dim(pl) if getattr(pl, "dim", None) == dim else Replicate()
+                      for pl in p.placements]
+        index = torch.arange(n, device=p.device_mesh.device_type)
+        indices.append(distribute_tensor(index, p.device_mesh, placements, src_data_rank=None).to_local().cpu())
+    return indices
+
+
+def _on_first_dim(pl):
+    """The same sharding of dimension 0 (for the 1-D index vectors of `local_indices`)."""
+    return _StridedShard(0, split_factor=pl.split_factor) if isinstance(pl, _StridedShard) else Shard(0)
+
+
+def _take(t: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    """t[indices[0], indices[1], ...] as an outer product: a view where the indices are
+    contiguous ranges (every placement this repository makes), a gathered copy otherwise."""
+    for dim, index in enumerate(indices):
+        if len(index) == t.shape[dim]:
+            continue
+        if len(index) and bool((index == torch.arange(index[0], index[0] + len(index))).all()):
+            t = t.narrow(dim, int(index[0]), len(index))
+        else:
+            t = t.index_select(dim, index)
+    return t
+
+
 def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "") -> None:
     """Initialise `model` (M6, or a pipeline stage holding some of its modules under the same
     names) from each parameter's name and `seed` alone: every layout, and a stage materialised
@@ -194,9 +229,15 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
     residual output projections (attn.proj, mlp.fc2, experts.w2), zero biases, unit norms; the
     ResNet's convolutions He-initialised (fan-out) as torchvision does. Numbers are drawn on the
     CPU, so they do not depend on the device either. A parameter already sharded (a DTensor)
-    receives its slice of the same global tensor; stacked experts are drawn expert by expert, so a
-    rank draws only the experts it holds. `prefix` names a submodule initialised on its own
-    (conversion tools materialise one module at a time)."""
+    receives its slice of the same global tensor. `prefix` names a submodule initialised on its
+    own (conversion tools materialise one module at a time).
+
+    What a rank draws: stacked experts [E, ...] are drawn expert by expert, each from its own
+    generator, so a rank draws exactly the experts it holds (at m6-100b one w1 is 512 experts x
+    4 M = 8.6 GB: drawing it whole on every rank is not an option). A dense weight is one
+    generator's stream, which cannot be split without changing its values, so it is drawn whole
+    and the rank keeps its slice: a transient of one tensor at a time (at most the word
+    embedding, 348 MB in fp32 at m6-10b), freed before the next is drawn."""
     std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
     tied = not cfg.untie_embeddings_and_output_weights
 
@@ -206,21 +247,13 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
         return t
 
     def assign(p: torch.Tensor, key: str, fill, per_expert: bool = False) -> None:
-        if not isinstance(p, DTensor):
-            rows = [draw(f"{key}.{e}", p.shape[1:], fill) for e in range(p.shape[0])] if per_expert else None
-            p.copy_(torch.stack(rows) if per_expert else draw(key, p.shape, fill))
-            return
-        if per_expert and all(type(pl) in (Shard, Replicate) for pl in p.placements):
-            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            full_rows = torch.stack([draw(f"{key}.{e}", p.shape[1:], fill)
-                                     for e in range(offset[0], offset[0] + shape[0])])
-            index = (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset[1:], shape[1:]))
-            p.to_local().copy_(full_rows[index])
-            return
-        full = (torch.stack([draw(f"{key}.{e}", p.shape[1:], fill) for e in range(p.shape[0])])
-                if per_expert else draw(key, p.shape, fill))
-        # Every rank drew the same tensor: each keeps its own piece, no communication.
-        p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+        local = p.to_local() if isinstance(p, DTensor) else p
+        indices = local_indices(p)
+        if per_expert:
+            for row, expert in enumerate(indices[0].tolist()):
+                local[row].copy_(_take(draw(f"{key}.{expert}", p.shape[1:], fill), indices[1:]))
+        else:
+            local.copy_(_take(draw(key, p.shape, fill), indices))
 
     def normal(sd: float):
         return lambda t, g: nn.init.normal_(t, 0.0, sd, generator=g)
@@ -245,20 +278,26 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
                 assign(module.weight, f"{key}.weight", normal(out_std if residual else std))
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
-            elif isinstance(module, GroupedExperts):  # expert by expert: a shard can draw its own
+            elif isinstance(module, GroupedExperts):  # expert by expert: a shard draws its own
                 for leaf, sd in (("w1", std), ("w2", out_std)):
                     assign(getattr(module, leaf), f"{name}.{leaf}", normal(sd), per_expert=True)
                 module.b1.zero_()
                 module.b2.zero_()
 
 
-def materialize(model: nn.Module, cfg: ModelConfig, device: torch.device, seed: int) -> None:
-    """Allocate a meta-device M6 (or pipeline stage) on `device` and initialise it. to_empty()
-    gives the two ends of the tied embedding separate storage, so the tie is made again."""
+def materialize(model: nn.Module, cfg: ModelConfig, device: torch.device, seed: int,
+                init: bool = True) -> None:
+    """Allocate a meta-device M6 (or pipeline stage) on `device` and initialise it; init=False
+    only allocates, for weights a checkpoint is about to overwrite. to_empty() gives the two
+    ends of the tied embedding separate storage, so the tie is made again. A meta-device target
+    (a dry run's layout, see megatron_m6/dry_run.py) is left as it is: nothing to allocate."""
+    if device.type == "meta":
+        return
     model.to_empty(device=device)
     if not cfg.untie_embeddings_and_output_weights and hasattr(model, "embedding") and hasattr(model, "lm_head"):
         model.lm_head.weight = model.embedding.word_emb.weight
-    init_weights(model, cfg, seed)
+    if init:
+        init_weights(model, cfg, seed)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

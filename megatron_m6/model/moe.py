@@ -186,7 +186,8 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits = self.router(x)
+        with torch.autocast(x.device.type, enabled=False):  # the router in fp32 (precision.py)
+            logits = self.router(fp32_or_wider(x))
         if use_fused_dispatch(self.cfg.moe_dispatch_backend, x.device):
             out, aux = self._forward_fused(x, logits)
         else:

@@ -24,23 +24,34 @@ from torch.distributed.tensor import DTensor
 
 from megatron_m6.model.moe import MoEMLP
 from megatron_m6.parallel.expert_parallel import is_expert_param
-from megatron_m6.precision import reduce_dtype
+from megatron_m6.precision import LayerNorm, reduce_dtype
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh,
                reshard_after_forward: bool, bf16: bool) -> None:
     """Shard each block, then the rest of the model, over the data-parallel mesh; experts that
     expert parallelism already split are sharded over the expert-data-parallel mesh (FSDP then
-    averages their gradients over edp only: the caller divides them by ep as well)."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.float32 if bf16 else None)  # None: the params' own
+    averages their gradients over edp only: the caller divides them by ep as well).
+
+    Mixed precision follows megatron_m6/precision.py: with bf16 a block's matmul weights are
+    gathered in bf16 (autocast would round them the same way), its LayerNorms and router form a
+    unit of their own that stays in fp32, and so does everything outside the blocks (the ResNet
+    with its BatchNorms, the embeddings, the final norm; autocast casts their matmuls). Block
+    inputs are not cast: the residual stream stays fp32. Gradients are reduced in fp32."""
+    kept = MixedPrecisionPolicy()  # the parameters' own dtype, for compute and reduction
+    matmul = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False) if bf16 else kept)
+    shard = dict(reshard_after_forward=reshard_after_forward)
     for block in model.layers.values():
         for module in block.modules():
             if isinstance(module, MoEMLP) and is_expert_param(module.experts.w1):
-                fully_shard(module.experts, mesh=edp_mesh, reshard_after_forward=reshard_after_forward,
-                            mp_policy=policy)
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+                fully_shard(module.experts, mesh=edp_mesh, mp_policy=matmul, **shard)
+        if bf16:
+            fp32 = [m for m in block.modules() if isinstance(m, LayerNorm)]
+            fp32 += [m.router for m in block.modules() if isinstance(m, MoEMLP)]
+            fully_shard(fp32, mesh=dp_mesh, mp_policy=kept, **shard)
+        fully_shard(block, mesh=dp_mesh, mp_policy=matmul, **shard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=kept, **shard)
     # A rank whose micro-batch has no image never touches the image encoder: reduce zeros for
     # it rather than skip it, or the ranks' reduce-scatters would not match.
     model.set_reduce_scatter_unused_params(True)

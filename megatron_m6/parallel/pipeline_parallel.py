@@ -21,7 +21,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleI
 
 from megatron_m6.config import TASK_NAMES, ModelConfig, RunConfig
 from megatron_m6.model.m6 import M6, text_positions, token_losses
-from megatron_m6.precision import PARAMS_DTYPES, fp32_or_wider
+from megatron_m6.precision import PARAMS_DTYPES, compute_dtype, fp32_or_wider, to_compute_dtype
 
 
 
@@ -35,7 +35,10 @@ class PipelineStageModel(nn.Module):
     """One pipeline stage of M6: contiguous layers, plus the embedding on the first stage and the
     final norm and head on the last. forward(*inputs, prefix_len, valid_len, has_image,
     positions) takes (tokens, images) on the first stage and (hidden, aux) elsewhere, and returns
-    (hidden, aux), or (logits, aux) on the last stage; aux accumulates the MoE losses."""
+    (hidden, aux), or (logits, aux) on the last stage; aux accumulates the MoE losses.
+
+    Hidden states travel in the compute dtype (bf16 under autocast, half the bytes) and the
+    receiving stage carries on with the fp32 residual stream (megatron_m6/precision.py)."""
 
     def __init__(self, model: M6, stage: int, num_stages: int):
         super().__init__()
@@ -57,12 +60,13 @@ class PipelineStageModel(nn.Module):
             aux = torch.zeros(1, device=x.device, dtype=fp32_or_wider(x).dtype, requires_grad=True)
         else:
             x, aux = inputs
+            x = fp32_or_wider(x)
         for layer in self.layers.values():
             x, layer_aux = layer(x, positions, prefix_len, valid_len)
             aux = aux + layer_aux
         if self.is_last:
             return self.lm_head(self.final_norm(x)), aux
-        return x, aux
+        return to_compute_dtype(x), aux
 
 
 class PipelineLoss:
@@ -157,10 +161,9 @@ def _hidden(cfg: RunConfig, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states, aux) of one micro-batch between stages, split along the sequence under
     sequence parallelism; both carry gradients back."""
     seq = cfg.seq_length // tp if cfg.sequence_parallel else cfg.seq_length
-    dtype = PARAMS_DTYPES[cfg.params_dtype]
-    return (torch.empty(cfg.micro_batch_size, seq, cfg.model.hidden_size, dtype=dtype, device="meta",
-                        requires_grad=True),
-            torch.empty(1, dtype=dtype, device="meta", requires_grad=True))
+    return (torch.empty(cfg.micro_batch_size, seq, cfg.model.hidden_size, device="meta", requires_grad=True,
+                        dtype=compute_dtype(cfg.bf16, cfg.params_dtype)),
+            torch.empty(1, dtype=PARAMS_DTYPES[cfg.params_dtype], device="meta", requires_grad=True))
 
 
 def stage_inputs(stage: PipelineStageModel, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
@@ -173,10 +176,9 @@ def stage_inputs(stage: PipelineStageModel, cfg: RunConfig, tp: int) -> tuple[to
 
 def stage_outputs(stage: PipelineStageModel, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
     if stage.is_last:  # vocabulary-parallel logits stay on this rank for the loss
-        dtype = PARAMS_DTYPES[cfg.params_dtype]
-        logits = torch.empty(cfg.micro_batch_size, cfg.seq_length, cfg.model.vocab_size // tp, dtype=dtype,
-                             device="meta")
-        return logits, torch.empty(1, dtype=dtype, device="meta", requires_grad=True)
+        logits = torch.empty(cfg.micro_batch_size, cfg.seq_length, cfg.model.vocab_size // tp, device="meta",
+                             dtype=compute_dtype(cfg.bf16, cfg.params_dtype))
+        return logits, torch.empty(1, dtype=PARAMS_DTYPES[cfg.params_dtype], device="meta", requires_grad=True)
     return _hidden(cfg, tp)
 
 
