@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -48,7 +48,9 @@ class AllToAllDispatch:
         order, send_splits, recv_splits = self.state
         self.state = None
         back = torch.empty_like(output).index_copy(0, order, output)  # undo the regrouping
-        return all_to_all_single_autograd(back, send_splits, recv_splits, self.group)
+        # A plain tensor, not the functional collective's lazy wrapper: the fused (Triton)
+        # unpermute reads its data pointer directly.
+        return wait_tensor(all_to_all_single_autograd(back, send_splits, recv_splits, self.group))
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
