@@ -130,7 +130,9 @@ def parallelize(parts: list[nn.Module], cfg: RunConfig, dims: ParallelDims, mesh
             apply_fsdp(part, mesh["dp"], mesh["edp"], cfg.data_parallel_sharding == "full", cfg.bf16)
         state.fsdp = True
     for part in parts:
-        materialize(part, cfg.model, device, cfg.seed)
+        # With --load every weight and buffer comes from the checkpoint (a model-only one holds
+        # all model weights too; a missing one is an error): allocate, but draw nothing.
+        materialize(part, cfg.model, device, cfg.seed, init=cfg.load is None)
     # What follows holds references to the (now real) parameters.
     if dims.dp > 1 and cfg.data_parallel_sharding == "replicate":
         state.grad_all_reduce = GradAllReduce(nn.ModuleList(parts), state.dp_group,
