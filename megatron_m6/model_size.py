@@ -103,15 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     parser.description = ("Parameters, FLOPs per token and per-GPU memory of an M6 configuration "
                           "and parallel layout (meta device).")
-    parser.add_argument("--world-size", type=int,
-                        help="GPUs in the job (default: the fewest the layout needs)")
+    # --world-size is pretrain's dry-run flag: here, the GPUs in the job (default: the fewest
+    # the layout needs).
     try:
         ns = parser.parse_args(argv)
         ns.mock_data = True
-        world_size = ns.world_size
-        del ns.world_size
         cfg = config_from_args(ns)
-        layout = layout_from_config(cfg, world_size)
+        layout = layout_from_config(cfg, cfg.world_size)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
