@@ -17,6 +17,7 @@ from megatron_m6.model import token_losses
 from megatron_m6.parallel import ParallelDims, ParallelState
 from megatron_m6.precision import PARAMS_DTYPES
 from megatron_m6.training import checkpoint as ckpt
+from megatron_m6.training.preemption import StopAgreement
 from megatron_m6.training.schedule import learning_rate
 
 
@@ -81,6 +82,7 @@ class Trainer:
         self.history: list[float] = []  # global-batch loss per iteration
         self.checkpointer = (ckpt.Checkpointer(cfg.save, cfg.async_save, cfg.keep_last)
                              if cfg.save else None)
+        self.early_stop = StopAgreement(cfg, device)  # --exit-signal-handler, --exit-duration-in-mins
         self.writer = None
         if cfg.tensorboard_dir and self.parallel.is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
@@ -199,26 +201,35 @@ class Trainer:
 
     def _train(self, batches) -> None:
         cfg, stats, saved = self.cfg, StepStats(), False
-        while self.iteration < cfg.train_iters:
-            micro = list(itertools.islice(batches, self.num_micro_batches))
-            if len(micro) < self.num_micro_batches:
-                raise TrainingError(f"data ran out at iteration {self.iteration + 1}")
-            self.train_step(micro, stats)
-            if self.checkpointer:
-                self._log_published(self.checkpointer.poll())
-            if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
-                self.log_stats(stats)
-                stats = StepStats()
-            if cfg.eval_interval and self.iteration % cfg.eval_interval == 0 and self.eval_loader_fn:
-                self.evaluate()
-            saved = bool(cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0)
-            if saved:
+        with self.early_stop:
+            while self.iteration < cfg.train_iters:
+                micro = list(itertools.islice(batches, self.num_micro_batches))
+                if len(micro) < self.num_micro_batches:
+                    raise TrainingError(f"data ran out at iteration {self.iteration + 1}")
+                self.train_step(micro, stats)
+                if self.checkpointer:
+                    self._log_published(self.checkpointer.poll())
+                if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
+                    self.log_stats(stats)
+                    stats = StepStats()
+                if cfg.eval_interval and self.iteration % cfg.eval_interval == 0 and self.eval_loader_fn:
+                    self.evaluate()
+                saved = bool(cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0)
+                if saved:
+                    self.save()
+                if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
+                    self.log(f"exiting at iteration {self.iteration} (--exit-interval)")
+                    break
+                reason = self.early_stop.should_stop()  # the same answer on every rank
+                if reason:
+                    if not saved:
+                        self.save()
+                    self.finish_saving()  # a background save is published before we go
+                    self.early_stop.wait_for_all_ranks()
+                    self.log(f"{reason}: saved checkpoint at iteration {self.iteration}, exiting")
+                    return
+            if cfg.save and not saved:
                 self.save()
-            if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
-                self.log(f"exiting at iteration {self.iteration} (--exit-interval)")
-                break
-        if cfg.save and not saved:
-            self.save()
 
     def log_stats(self, s: StepStats) -> None:
         elapsed = time.perf_counter() - s.start
