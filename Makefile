@@ -37,11 +37,11 @@ SEEDS ?= 50
 SEEDED_TESTS := tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm_ce.py \
 	tests/test_moe.py tests/test_attention.py tests/test_model.py
 test-seeds: test-deps
-	@failed=0; for i in $$(seq $(SEEDS)); do \
+	@failed=0; log=$$(mktemp); for i in $$(seq $(SEEDS)); do \
 	  seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
-	  M6_TEST_SEED=$$seed $(PYTHON) -m pytest -q -p no:cacheprovider $(SEEDED_TESTS) > .seed_run.log 2>&1 \
-	    || { failed=$$((failed + 1)); echo "seed $$seed failed:"; grep -E "^(FAILED|E )" .seed_run.log | head -5; }; \
-	done; rm -f .seed_run.log; echo "$$failed of $(SEEDS) seeded runs failed"; [ $$failed -eq 0 ]
+	  M6_TEST_SEED=$$seed $(PYTHON) -m pytest -q -p no:cacheprovider $(SEEDED_TESTS) > $$log 2>&1 \
+	    || { failed=$$((failed + 1)); echo "seed $$seed failed:"; grep -E "^(FAILED|E )" $$log | head -5; }; \
+	done; rm -f $$log; echo "$$failed of $(SEEDS) seeded runs failed"; [ $$failed -eq 0 ]
 
 bench: deps
 	$(PYTHON) tools/bench/train_step.py

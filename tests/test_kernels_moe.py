@@ -30,7 +30,7 @@ def test_gating_matches_float64(T, E, k, groups, capacity):
     assert torch.equal(d.dest.long(), ref["dest"]), f"seed {seed}"
     assert torch.equal(d.tokens_per_expert.long(), ref["tokens_per_expert"])
     assert torch.equal(d.picks_per_expert.long(), ref["picks_per_expert"])
-    assert d.num_rows == int(ref["tokens_per_expert"].sum())
+    assert d.num_rows >= int(ref["tokens_per_expert"].sum())  # sized without reading the device
     if capacity is not None:
         assert (d.dest < 0).any(), "the case must drop something"
     weights = {name: torch.randn(ref[name].shape, generator=g, dtype=torch.float64).to(DEVICE)

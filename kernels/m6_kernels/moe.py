@@ -212,7 +212,7 @@ class Dispatch:
     dest: torch.Tensor  # [T, k] row of each pick in the expert-contiguous layout, -1 if dropped
     picks_per_expert: torch.Tensor  # [E] picks before capacity (load-balancing loss)
     tokens_per_expert: torch.Tensor  # [E] rows per expert after capacity
-    num_rows: int  # rows of the expert-contiguous layout
+    num_rows: int  # rows allocated for the expert-contiguous layout: the kept picks, then zeros
 
 
 def topk_gating(logits: torch.Tensor, topk: int, groups: int = 1, capacity: int | None = None) -> Dispatch:
@@ -225,8 +225,9 @@ def topk_gating(logits: torch.Tensor, topk: int, groups: int = 1, capacity: int 
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     probs, lse, gate, expert, dest, picks, kept = _Gating.apply(logits.float(), topk, groups, capacity)
-    # Dropless: every pick has a row, so the row count is known without reading the device.
-    num_rows = T * topk if capacity is None else int(kept.sum())
+    # Known without reading the device: every pick (dropless), or as many as the experts' slots
+    # can hold; the kept rows come first, expert by expert, and tokens_per_expert counts them.
+    num_rows = T * topk if capacity is None else min(T * topk, E * capacity)
     return Dispatch(probs, lse, gate, expert, dest, picks, kept, num_rows)
 
 
@@ -303,7 +304,7 @@ class _Permute(torch.autograd.Function):
     def forward(ctx, x, dest, num_rows):
         x = _rows_contiguous(x)
         T, H = x.shape
-        out = torch.empty(num_rows, H, device=x.device, dtype=x.dtype)
+        out = torch.zeros(num_rows, H, device=x.device, dtype=x.dtype)  # rows past the kept ones stay 0
         _permute_kernel[(T,)](x, dest, out, H, x.stride(0), out.stride(0), K=dest.shape[1], BLOCK_H=_block_hidden(H))
         ctx.save_for_backward(dest)
         return out
@@ -328,7 +329,7 @@ class _Unpermute(torch.autograd.Function):
         dout = _rows_contiguous(dout)
         T, K = dest.shape
         H = y.shape[1]
-        dy = torch.empty_like(y)  # every row is some kept pick's: fully written
+        dy = torch.zeros_like(y)  # rows past the kept picks get no gradient
         dgate = torch.empty(T, K, device=y.device, dtype=torch.float32)
         _unpermute_bwd_kernel[(T,)](dout, y, dest, gate, dy, dgate, H, dout.stride(0), y.stride(0), dy.stride(0),
                                     K=K, K_PAD=triton.next_power_of_2(K), BLOCK_H=_block_hidden(H))
@@ -343,7 +344,8 @@ def _check_dest(dest: torch.Tensor) -> torch.Tensor:
 
 def permute(x: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Token rows x [T, H] into the expert-contiguous layout [num_rows, H]: row dest[t, r] = x[t].
-    `dest` must map the kept picks one-to-one onto 0..num_rows-1 (as topk_gating's does)."""
+    `dest` must map the kept picks one-to-one onto the first rows (as topk_gating's does); the
+    rest are zeros."""
     return _Permute.apply(x, _check_dest(dest), num_rows)
 
 

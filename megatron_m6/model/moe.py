@@ -128,7 +128,9 @@ class GroupedExperts(nn.Module):
         return dtype
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x: [N, hidden], rows grouped by expert in order, `tokens_per_expert[e]` rows each."""
+        """x: [N, hidden], rows grouped by expert in order, `tokens_per_expert[e]` rows each, then
+        possibly unused rows (a buffer sized without reading the device); their outputs are
+        never read."""
         # Under expert parallelism the weights are DTensor shards: compute with this rank's experts.
         w1, b1, w2, b2 = (p.to_local() if isinstance(p, DTensor) else p
                           for p in (self.w1, self.b1, self.w2, self.b2))
@@ -136,13 +138,16 @@ class GroupedExperts(nn.Module):
         if dtype is not None:
             # One launch for all experts, and no host sync: offsets stay on the device.
             offs = tokens_per_expert.cumsum(0, dtype=torch.int32)
-            experts = torch.arange(len(tokens_per_expert), device=x.device)
-            row_expert = torch.repeat_interleave(experts, tokens_per_expert, output_size=x.shape[0])
+            rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+            row_expert = torch.bucketize(rows, offs, right=True).clamp(max=len(offs) - 1)
             h = torch._grouped_mm(x.to(dtype), w1.to(dtype), offs=offs) + b1[row_expert]
             h = F.gelu(h).to(dtype)
             return torch._grouped_mm(h, w2.to(dtype), offs=offs) + b2[row_expert]
+        # One matmul per expert needs the split sizes on the host: a device sync, inherent to this
+        # path (CPU, fp32); the grouped GEMM above has none.
+        sizes = tokens_per_expert.tolist()
         outputs = []
-        for e, chunk in enumerate(torch.split(x, tokens_per_expert.tolist())):
+        for e, chunk in enumerate(torch.split(x[:sum(sizes)], sizes)):
             if chunk.shape[0]:
                 h = F.gelu(chunk @ w1[e] + b1[e])
                 outputs.append(h @ w2[e] + b2[e])

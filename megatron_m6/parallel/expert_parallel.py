@@ -35,8 +35,11 @@ class AllToAllDispatch:
         send = counts.view(self.ep, self.num_local)  # [destination rank, its local expert]
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)  # [source rank, my local expert]
+        # The split sizes must be on the host for the all-to-all: the one device sync of a
+        # dispatch, inherent to uneven all-to-all. Rows past the counted ones (a buffer sized
+        # without reading the device) stay behind.
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        received = all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
+        received = all_to_all_single_autograd(rows[:sum(send_splits)], recv_splits, send_splits, self.group)
         # Received rows are grouped by source rank; the experts want them grouped by expert.
         expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_local, device=rows.device).repeat(self.ep), recv.flatten())
