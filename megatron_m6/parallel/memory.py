@@ -154,30 +154,75 @@ def _stage_of(name: str, cfg: ModelConfig, layout: Layout) -> int:
     raise ValueError(f"memory model: no placement rule for parameter {name}")
 
 
-def rank_param_counts(cfg: ModelConfig, layout: Layout, stage: int, tp_rank: int = 0,
-                      ep_rank: int = 0) -> RankParams:
-    """Parameter elements on the rank at (stage, tp_rank, ep_rank), from the real module shapes."""
+@dataclass(frozen=True)
+class RankCoordinates:
+    """Where one rank sits in the process mesh (pp, edp, ep, tp), tensor parallel innermost
+    (megatron_m6/parallel/mesh.py); `dp` is its index in the flattened (edp, ep) dimension."""
+
+    pp: int = 0
+    edp: int = 0
+    ep: int = 0
+    tp: int = 0
+
+    def dp(self, layout: Layout) -> int:
+        return self.edp * layout.ep + self.ep
+
+
+def rank_coordinates(layout: Layout, rank: int) -> RankCoordinates:
+    """The mesh coordinates of global rank `rank`: row-major over (pp, edp, ep, tp)."""
+    if not 0 <= rank < layout.pp * layout.dp * layout.tp:
+        raise ValueError(f"rank {rank} is outside a job of {layout.pp * layout.dp * layout.tp} ranks")
+    rest, tp = divmod(rank, layout.tp)
+    rest, ep = divmod(rest, layout.ep)
+    pp, edp = divmod(rest, layout.dp // layout.ep)
+    return RankCoordinates(pp, edp, ep, tp)
+
+
+def rank_param_shapes(cfg: ModelConfig, layout: Layout, coords: RankCoordinates,
+                      dp_sharded: bool = False) -> dict[str, tuple[int, ...]]:
+    """Local shape of every parameter the rank at `coords` holds, by its name in M6 (a tied head
+    is `embedding.word_emb.weight`, on the last stage too), from the real module shapes.
+
+    Before data-parallel sharding (`dp_sharded` False): the placement rules of the module
+    docstring. With `dp_sharded`, as FSDP2 holds them under the `optimizer` and `full` modes: each
+    parameter's tensor/expert-parallel piece cut again on dimension 0 like torch.chunk, over the
+    data-parallel group (expert parameters over the expert-data-parallel group)."""
     layout.check(cfg)
     with torch.device("meta"):
         model = M6(cfg)
     tied = not cfg.untie_embeddings_and_output_weights
-    dense = expert = 0
+    fsdp = dp_sharded and layout.data_parallel_sharding != "replicate" and layout.dp > 1
+    shapes = {}
     for name, p in model.named_parameters():  # a tied head weight is listed once, as word_emb
         stages = {_stage_of(name, cfg, layout)}
         if tied and name == "embedding.word_emb.weight":
             stages.add(layout.pp - 1)
-        if stage not in stages:
+        if coords.pp not in stages:
             continue
         shape = list(p.shape)
-        if ".experts." in name:
-            shape[0] = _chunk(shape[0], layout.ep, ep_rank)
-            expert += math.prod(shape)
-            continue
-        dim = _tp_split_dim(name)
-        if dim is not None:
-            shape[dim] = _chunk(shape[dim], layout.tp, tp_rank)
-        dense += math.prod(shape)
-    return RankParams(dense, expert)
+        expert = ".experts." in name
+        if expert:
+            shape[0] = _chunk(shape[0], layout.ep, coords.ep)
+        elif (dim := _tp_split_dim(name)) is not None:
+            shape[dim] = _chunk(shape[dim], layout.tp, coords.tp)
+        if fsdp:
+            shards, index = ((layout.dp // layout.ep, coords.edp) if expert
+                             else (layout.dp, coords.dp(layout)))
+            shape[0] = _chunk(shape[0], shards, index)
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def count_params(shapes: dict[str, tuple[int, ...]]) -> RankParams:
+    """(dense, expert) elements of the parameters `shapes` describes."""
+    dense = sum(math.prod(s) for n, s in shapes.items() if ".experts." not in n)
+    return RankParams(dense, sum(math.prod(s) for n, s in shapes.items() if ".experts." in n))
+
+
+def rank_param_counts(cfg: ModelConfig, layout: Layout, stage: int, tp_rank: int = 0,
+                      ep_rank: int = 0) -> RankParams:
+    """Parameter elements on the rank at (stage, tp_rank, ep_rank), from the real module shapes."""
+    return count_params(rank_param_shapes(cfg, layout, RankCoordinates(pp=stage, ep=ep_rank, tp=tp_rank)))
 
 
 def state_bytes(counts: RankParams, layout: Layout) -> tuple[int, int, int]:
@@ -277,12 +322,13 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, stage: int) -> int:
     return total
 
 
-def estimate_rank_memory(cfg: ModelConfig, layout: Layout, rank_stage: int | None = None) -> RankMemory:
-    """Bytes on the largest rank (TP and EP rank 0) of pipeline stage `rank_stage`, or of the
-    stage that needs the most when None."""
+def estimate_rank_memory(cfg: ModelConfig, layout: Layout, rank_stage: int | None = None,
+                         tp_rank: int = 0, ep_rank: int = 0) -> RankMemory:
+    """Bytes on the rank at (`rank_stage`, `tp_rank`, `ep_rank`); by default the largest one
+    (TP and EP rank 0) of the stage that needs the most."""
     stages = range(layout.pp) if rank_stage is None else [rank_stage]
     estimates = []
     for stage in stages:
-        params, grads, optimizer = state_bytes(rank_param_counts(cfg, layout, stage), layout)
+        params, grads, optimizer = state_bytes(rank_param_counts(cfg, layout, stage, tp_rank, ep_rank), layout)
         estimates.append(RankMemory(params, grads, optimizer, activation_bytes(cfg, layout, stage)))
     return max(estimates, key=lambda m: m.total)
