@@ -11,9 +11,11 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Backend as C10dBackend  # the options type groups take
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_m6.config import ConfigError, RunConfig
@@ -77,16 +79,35 @@ def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
     return dims
 
 
-def init_process_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
-    """Join the process group started by torchrun and build the mesh (None for one process)."""
+def init_process_mesh(dims: ParallelDims, device: torch.device,
+                      timeout_minutes: float = 10.0) -> DeviceMesh | None:
+    """Join the process group started by torchrun (or one already initialised, like a dry run's
+    fake group) and build the mesh (None for one process). A collective on any of its groups
+    that waits longer than `timeout_minutes` fails (--distributed-timeout-minutes)."""
     if dims.world_size == 1:
         return None
+    timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    mesh = init_device_mesh(device.type, (dims.pp, dims.edp, dims.ep, dims.tp),
-                            mesh_dim_names=("pp", "edp", "ep", "tp"))
-    mesh["edp", "ep"]._flatten("dp")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    # new_group does not inherit init_process_group's timeout (it falls back to torch's default),
+    # so every mesh dimension's group gets it through its options.
+    options = _group_options(dist.get_backend(), timeout)
+    names = ("pp", "edp", "ep", "tp")
+    override = {name: options for name in names} if options is not None else None
+    mesh = init_device_mesh(device.type, (dims.pp, dims.edp, dims.ep, dims.tp), mesh_dim_names=names,
+                            backend_override=override)
+    mesh["edp", "ep"]._flatten("dp", backend_override=options)
     return mesh
+
+
+def _group_options(backend: str, timeout: timedelta) -> C10dBackend.Options | None:
+    """Group options carrying `timeout` for NCCL (which accepts only its own options type) and
+    gloo; None (torch's defaults) for others, such as a dry run's fake backend."""
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return options
+    return C10dBackend.Options(backend, timeout) if backend == "gloo" else None
 
 
 def destroy_process_mesh() -> None:
