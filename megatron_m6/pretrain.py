@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.data import DataLoader
 
 from megatron_m6.config import ConfigError, RunConfig, parse_args
@@ -17,7 +18,8 @@ from megatron_m6.model import M6
 from megatron_m6.parallel.pipeline_parallel import PipelineRunner, build_pipeline_stages
 from megatron_m6.model.attention import resolve_attention_backend
 from megatron_m6.model.moe import resolve_moe_dispatch_backend
-from megatron_m6.parallel import destroy_process_mesh, init_process_mesh, parallel_dims, parallelize
+from megatron_m6.parallel import (ParallelDims, ParallelState, destroy_process_mesh, init_process_mesh,
+                                  parallel_dims, parallelize)
 from megatron_m6.parallel.mesh import local_device, world_size_from_env
 from megatron_m6.precision import PARAMS_DTYPES
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
@@ -76,18 +78,21 @@ def build_datasets(cfg: RunConfig, tok: M6Tokenizer | None):
     return train, valid
 
 
-def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
-    """Build the model, its layout, the trainer and the training data loader from `cfg`
-    (resuming from `--load`); one clear error for a layout the world size cannot hold."""
-    device = pick_device(cfg.device)
-    tok = None
-    if not cfg.mock_data:
-        tok = M6Tokenizer.from_vocab_file(cfg.vocab_file or DEFAULT_VOCAB_FILE)
-        cfg.model.vocab_size = padded_vocab_size(tok.vocab_size)
-    pad_id = tok.pad_id if tok else 0
-    dims = parallel_dims(cfg, world_size_from_env())
-    mesh = init_process_mesh(dims, device)
-    seed_everything(cfg.seed)
+def load_tokenizer(cfg: RunConfig) -> M6Tokenizer | None:
+    """The tokenizer of a run on real data (None with --mock-data); the model's vocabulary is its
+    size padded to a multiple of VOCAB_DIVISIBLE_BY."""
+    if cfg.mock_data:
+        return None
+    tok = M6Tokenizer.from_vocab_file(cfg.vocab_file or DEFAULT_VOCAB_FILE)
+    cfg.model.vocab_size = padded_vocab_size(tok.vocab_size)
+    return tok
+
+
+def build_layout(cfg: RunConfig, dims: ParallelDims, mesh: DeviceMesh | None,
+                 device: torch.device) -> tuple[list[int], list[nn.Module], ParallelState, int]:
+    """This rank's pipeline stage ids, its model parts (the whole model, or its stages) with the
+    layout applied and its shards materialised on `device`, their ParallelState, and the full
+    model's parameter count. On the meta device (a dry run) nothing is allocated."""
     # Built on the meta device: each rank keeps its own pipeline stages and allocates only its
     # own shards of them (parallelize), and every parameter is drawn from its name, so all
     # layouts start from the same weights.
@@ -98,7 +103,19 @@ def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
         stage_ids, parts = build_pipeline_stages(full, cfg, mesh["pp"].get_local_rank(), dims.pp)
     else:
         stage_ids, parts = [0], [full]
-    parallel = parallelize(parts, cfg, dims, mesh, device)
+    return stage_ids, parts, parallelize(parts, cfg, dims, mesh, device), n_params
+
+
+def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
+    """Build the model, its layout, the trainer and the training data loader from `cfg`
+    (resuming from `--load`); one clear error for a layout the world size cannot hold."""
+    device = pick_device(cfg.device)
+    tok = load_tokenizer(cfg)
+    pad_id = tok.pad_id if tok else 0
+    dims = parallel_dims(cfg, world_size_from_env())
+    mesh = init_process_mesh(dims, device, cfg.distributed_timeout_minutes)
+    seed_everything(cfg.seed)
+    stage_ids, parts, parallel, n_params = build_layout(cfg, dims, mesh, device)
     model = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
     if dims.pp > 1:
         micro_per_step = cfg.global_batch_size // (cfg.micro_batch_size * dims.dp)
@@ -131,9 +148,12 @@ def run(cfg: RunConfig, log=print) -> Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from megatron_m6.dry_run import LayoutError, dry_run  # here: dry_run imports this module
+
     try:
-        run(parse_args(argv))
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
+        cfg = parse_args(argv)
+        dry_run(cfg) if cfg.dry_run else run(cfg)
+    except (ConfigError, CheckpointError, TrainingError, LayoutError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if not isinstance(e, ConfigError) else 2)
     finally:
