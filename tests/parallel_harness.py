@@ -3,6 +3,7 @@ and returns each step's loss and full (gathered) gradients, to compare with one 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from megatron_m6.config import parse_args
 from megatron_m6.parallel import destroy_process_mesh
@@ -60,6 +62,40 @@ def train_steps(argv: list[str], steps: int = 3) -> tuple[list[float], list[dict
         grads.append(full_grads(trainer.model, not cfg.model.untie_embeddings_and_output_weights))
         trainer.optimizer_step()
     return losses, grads
+
+
+def first_step(argv: list[str]) -> tuple[list[float], list[dict]]:
+    """The loss and full gradients of the first step only."""
+    return train_steps(argv, steps=1)
+
+
+def replica_digests(argv: list[str]) -> list[dict[tuple, str]]:
+    """Per rank, after 3 steps: a digest of every piece of every parameter and optimizer state
+    it holds, keyed by (name, state, global offset and shape of the piece): ranks holding the
+    same piece of a replicated tensor must hold the same bytes."""
+    cfg = parse_args(TINY + argv)
+    cfg.model.resnet_bottleneck = False
+    trainer, loader = setup(cfg, log=lambda line: None)
+    batches = iter(loader)
+    for _ in range(3):
+        trainer.train_step([next(batches) for _ in range(trainer.num_micro_batches)], StepStats())
+
+    def piece(t: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        if isinstance(t, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+            return (tuple(offset), tuple(shape)), t.to_local()
+        return ((0,) * t.dim(), tuple(t.shape)), t
+
+    mine = {}
+    for name, p in trainer.model.named_parameters():
+        name = re.sub(r"^\d+\.", "", name.replace("_checkpoint_wrapped_module.", ""))
+        for state, t in [("param", p.detach())] + sorted(trainer.optimizer.state[p].items()):
+            where, local = piece(t)
+            data = local.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            mine[name, state, where] = hashlib.sha256(data).hexdigest()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
 
 
 def history(argv: list[str]) -> list[float]:
