@@ -87,16 +87,31 @@ class ParallelState:
             dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tied_group)
 
     def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-        """Global gradient norm over every rank's shards, then clip. Gradients may be plain
-        tensors or DTensors on different meshes, so each one's norm is reduced on its own mesh."""
-        squares = []
+        """Global gradient norm over every rank's shards, then clip. Each rank sums the squares
+        of its local pieces, grouped by how they are split (mesh and sharded mesh dimensions);
+        each group's sum is all-reduced once per sharded dimension (a replicated dimension holds
+        copies, so it is not summed), and pipeline stages add theirs up."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
             # The head's copy of a tied embedding is counted once, on the first stage.
             if p.grad is None or (p is self.tied_weight and self.pipeline and not self.pipeline.is_first):
                 continue
-            norm = torch.linalg.vector_norm(p.grad, dtype=reduce_dtype(p.grad.dtype))
-            squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
-        total = torch.stack(squares).sum() if squares else torch.zeros((), device=params[0].device)
+            grad, split = p.grad, ()
+            if isinstance(grad, DTensor):
+                if any(pl.is_partial() for pl in grad.placements):
+                    raise RuntimeError("clip_grad_norm_ runs after finish_grad_sync: no partial gradients")
+                split = (grad.device_mesh, tuple(i for i, pl in enumerate(grad.placements) if not pl.is_replicate()))
+                grad = grad.to_local()
+            groups.setdefault(split, []).append(torch.linalg.vector_norm(grad, dtype=reduce_dtype(grad.dtype)) ** 2)
+        subtotals = []
+        for split, squares in groups.items():
+            subtotal = torch.stack(squares).sum()
+            if split:
+                mesh, dims = split
+                for dim in dims:
+                    dist.all_reduce(subtotal, group=mesh.get_group(dim))
+            subtotals.append(subtotal)
+        total = torch.stack(subtotals).sum() if subtotals else torch.zeros((), device=params[0].device)
         if self.pipeline is not None:
             dist.all_reduce(total, group=self.pipeline.pp_group)
         total = total.sqrt()
