@@ -75,7 +75,7 @@ class PipelineLoss:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.scale = 1.0  # dp / global target count, set per step
+        self.scale = torch.ones((), device=device)  # dp / global target count, set per step
         self.aux_scale = 1.0  # 1 / micro-batches per rank
         self.reset()
 
@@ -94,7 +94,7 @@ class PipelineLoss:
         self.sums[n:2 * n].index_add_(0, task, mask.sum(1).double())
         self.sums[2 * n] += loss_sum.detach().double()
         self.sums[2 * n + 1] += aux.detach().sum().double()
-        return loss_sum * self.scale + aux.sum() * self.aux_scale
+        return loss_sum * self.scale.to(loss_sum.dtype) + aux.sum() * self.aux_scale
 
 
 class PipelineRunner:
@@ -139,7 +139,7 @@ class PipelineRunner:
         args = (batch["tokens"], batch["images"]) if self.is_first else ()
         return args, kwargs, target
 
-    def forward_backward(self, micro_batches: list[dict], cfg: ModelConfig, scale: float) -> torch.Tensor:
+    def forward_backward(self, micro_batches: list[dict], cfg: ModelConfig, scale: torch.Tensor) -> torch.Tensor:
         """Run the schedule; returns the step's sums (see PipelineLoss) on every pipeline rank."""
         args, kwargs, target = self._inputs(micro_batches, cfg.num_image_tokens)
         self.loss.reset()

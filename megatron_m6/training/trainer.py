@@ -44,26 +44,31 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> t
 
 @dataclass
 class StepStats:
-    """Sums over one log interval, turned into the log line."""
+    """Sums over one log interval, turned into the log line. The tensors stay on the device
+    (added to without reading them back) and are read once, by log_stats."""
 
-    task_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(len(TASK_NAMES), dtype=torch.float64))
-    task_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(len(TASK_NAMES), dtype=torch.float64))
-    aux: float = 0.0
-    grad_norm: float = 0.0
-    tokens: int = 0
+    device: torch.device = torch.device("cpu")
+    task_loss: torch.Tensor = None  # [tasks] summed target loss
+    task_tokens: torch.Tensor = None  # [tasks] target tokens
+    aux: torch.Tensor = None  # summed per-step mean MoE aux loss
+    grad_norm: torch.Tensor = None  # summed per-step gradient norm
+    tokens: int = 0  # counted from the batches on the host, before they move to the device
     samples: int = 0
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
 
+    def __post_init__(self):
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.task_loss, self.task_tokens = zeros(len(TASK_NAMES)), zeros(len(TASK_NAMES))
+        self.aux, self.grad_norm = zeros(()), zeros(())
+
 
 def per_task_loss(ce: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed target loss and target-token count per task, for logging (ce: per position)."""
-    per_sample = (ce.detach() * batch["loss_mask"]).sum(1).double().cpu()
-    count = batch["loss_mask"].sum(1).double().cpu()
-    task = batch["task_id"].cpu()
-    n = len(TASK_NAMES)
-    return (torch.zeros(n, dtype=torch.float64).index_add_(0, task, per_sample),
-            torch.zeros(n, dtype=torch.float64).index_add_(0, task, count))
+    per_sample = (ce.detach() * batch["loss_mask"]).sum(1).double()
+    count = batch["loss_mask"].sum(1).double()
+    zeros = torch.zeros(len(TASK_NAMES), dtype=torch.float64, device=ce.device)
+    return (zeros.index_add(0, batch["task_id"], per_sample), zeros.index_add(0, batch["task_id"], count))
 
 
 class Trainer:
@@ -118,15 +123,18 @@ class Trainer:
         loss is averaged over the global batch's targets.
 
         Gradients are averaged over DP ranks, so each rank's share of the global-batch loss is
-        scaled by the DP size: the average is then the gradient of the global-batch loss."""
+        scaled by the DP size: the average is then the gradient of the global-batch loss.
+
+        The step reads the device once, at its end: the loss and the gradient norm together, so
+        that a NaN stops training before the optimizer step writes it into the weights."""
         par = self.parallel
         lr = learning_rate(self.cfg, self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         local_targets = sum(b["loss_mask"].sum() for b in micro_batches).double()
-        total_targets = max(float(par.all_reduce_dp(local_targets.to(self.device))), 1.0)
-        for batch in micro_batches:
+        total_targets = par.all_reduce_dp(local_targets.to(self.device)).clamp(min=1.0)
+        for batch in micro_batches:  # host tensors: no device read
             stats.tokens += int(batch["valid_len"].sum())
             stats.samples += batch["tokens"].shape[0]
         if par.pipeline is not None:
@@ -134,20 +142,22 @@ class Trainer:
         else:
             loss_sum_local = self._forward_backward_micro_batches(micro_batches, total_targets, stats)
         par.finish_grad_sync(self.model)
-        step_loss = float(par.all_reduce_dp(loss_sum_local)) / total_targets
-        if not math.isfinite(step_loss):  # the same global value on every rank: all stop together
-            raise TrainingError(f"loss is {step_loss} at iteration {self.iteration + 1}; "
-                                "stopping (try a lower --lr or check the data)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = par.clip_grad_norm_(params, self.cfg.clip_grad or math.inf)
-        if not torch.isfinite(grad_norm):
-            raise TrainingError(f"gradient norm is {grad_norm.item()} at iteration {self.iteration + 1}")
-        stats.grad_norm += float(grad_norm)
+        step_loss_t = par.all_reduce_dp(loss_sum_local) / total_targets
+        stats.grad_norm += grad_norm.detach().double()
         stats.steps += 1
+        step_loss, norm = torch.stack([step_loss_t, grad_norm.detach().double()]).tolist()
+        # The same global values on every rank: all stop together.
+        if not math.isfinite(step_loss):
+            raise TrainingError(f"loss is {step_loss} at iteration {self.iteration + 1}; "
+                                "stopping (try a lower --lr or check the data)")
+        if not math.isfinite(norm):
+            raise TrainingError(f"gradient norm is {norm} at iteration {self.iteration + 1}")
         self.history.append(step_loss)
         return step_loss
 
-    def _forward_backward_micro_batches(self, micro_batches: list[dict], total_targets: float,
+    def _forward_backward_micro_batches(self, micro_batches: list[dict], total_targets: torch.Tensor,
                                         stats: StepStats) -> torch.Tensor:
         """One process or stage per rank: forward and backward each micro-batch in turn.
 
@@ -158,17 +168,17 @@ class Trainer:
             batch = self._to_device(batch)
             with par.loss_context():
                 ce, loss_sum, aux = self.forward_loss(batch)
-                loss = loss_sum / total_targets * par.dims.dp + aux / n
+                loss = loss_sum / total_targets.to(loss_sum.dtype) * par.dims.dp + aux / n
                 par.before_backward(self.model, last_micro_batch=i == n - 1)
                 loss.backward()
             loss_sum_local += loss_sum.detach()
             task_loss, task_tokens = per_task_loss(ce, batch)
             stats.task_loss += task_loss
             stats.task_tokens += task_tokens
-            stats.aux += float(aux.detach()) / n
+            stats.aux += aux.detach().double() / n
         return loss_sum_local
 
-    def _pipeline_forward_backward(self, micro_batches: list[dict], total_targets: float,
+    def _pipeline_forward_backward(self, micro_batches: list[dict], total_targets: torch.Tensor,
                                    stats: StepStats) -> torch.Tensor:
         """Pipeline parallel: the schedule interleaves the micro-batches over the stages; the
         last stage computes the loss, and its sums reach every stage."""
@@ -177,9 +187,9 @@ class Trainer:
             sums = self.parallel.pipeline.forward_backward(
                 [self._to_device(b) for b in micro_batches], self.cfg.model,
                 scale=self.parallel.dims.dp / total_targets)
-        stats.task_loss += sums[:k].cpu()
-        stats.task_tokens += sums[k:2 * k].cpu()
-        stats.aux += float(sums[2 * k + 1]) / len(micro_batches)
+        stats.task_loss += sums[:k]
+        stats.task_tokens += sums[k:2 * k]
+        stats.aux += sums[2 * k + 1] / len(micro_batches)
         return sums[2 * k]
 
     def optimizer_step(self) -> None:
@@ -200,7 +210,7 @@ class Trainer:
         return self.history
 
     def _train(self, batches) -> None:
-        cfg, stats, saved = self.cfg, StepStats(), False
+        cfg, stats, saved = self.cfg, StepStats(self.device), False
         with self.early_stop:
             while self.iteration < cfg.train_iters:
                 micro = list(itertools.islice(batches, self.num_micro_batches))
@@ -211,7 +221,7 @@ class Trainer:
                     self._log_published(self.checkpointer.poll())
                 if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
                     self.log_stats(stats)
-                    stats = StepStats()
+                    stats = StepStats(self.device)
                 if cfg.eval_interval and self.iteration % cfg.eval_interval == 0 and self.eval_loader_fn:
                     self.evaluate()
                 saved = bool(cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0)
@@ -234,12 +244,13 @@ class Trainer:
     def log_stats(self, s: StepStats) -> None:
         elapsed = time.perf_counter() - s.start
         n = len(TASK_NAMES)
-        local = torch.cat([s.task_loss, s.task_tokens,
-                           torch.tensor([s.aux, s.tokens, s.samples], dtype=torch.float64)])
-        totals = self.parallel.all_reduce_dp(local.to(self.device)).cpu()
+        counts = torch.tensor([s.tokens, s.samples], dtype=torch.float64, device=self.device)
+        totals = self.parallel.all_reduce_dp(torch.cat([s.task_loss, s.task_tokens, s.aux[None], counts]))
+        totals = torch.cat([totals, s.grad_norm[None]]).cpu()  # the interval's one read of the device
         task_loss, task_tokens = totals[:n], totals[n:2 * n]
         aux = float(totals[2 * n]) / self.parallel.dims.dp / s.steps
         tokens, samples = float(totals[2 * n + 1]), float(totals[2 * n + 2])
+        grad_norm = float(totals[2 * n + 3]) / s.steps
         losses = task_loss / task_tokens.clamp(min=1)
         mean = float(task_loss.sum() / task_tokens.sum().clamp(min=1))
         parts = [f"iteration {self.iteration:6d}/{self.cfg.train_iters}", f"loss {mean:.4f}"]
@@ -247,7 +258,7 @@ class Trainer:
         if self.cfg.model.num_experts:
             parts.append(f"moe aux {aux:.4f}")
         lr = learning_rate(self.cfg, self.iteration - 1)
-        parts += [f"lr {lr:.3e}", f"grad norm {s.grad_norm / s.steps:.3f}",
+        parts += [f"lr {lr:.3e}", f"grad norm {grad_norm:.3f}",
                   f"tokens/s {tokens / elapsed:.0f}", f"samples/s {samples / elapsed:.1f}"]
         self.log(" | ".join(parts))
         if self.writer:
@@ -258,7 +269,7 @@ class Trainer:
                     self.writer.add_scalar(f"loss/{name}", float(losses[i]), it)
             self.writer.add_scalar("moe_aux_loss", aux, it)
             self.writer.add_scalar("lr", lr, it)
-            self.writer.add_scalar("grad_norm", s.grad_norm / s.steps, it)
+            self.writer.add_scalar("grad_norm", grad_norm, it)
             self.writer.add_scalar("throughput/tokens_per_s", tokens / elapsed, it)
             self.writer.add_scalar("throughput/samples_per_s", samples / elapsed, it)
 

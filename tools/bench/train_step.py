@@ -69,7 +69,7 @@ def main() -> None:
     batches = iter(build_data_loader(data, cfg.micro_batch_size, cfg.seq_length, 0, m.image_size, 0, 0))
     steps = [[next(batches) for _ in range(cfg.num_micro_batches)] for _ in range(cfg.train_iters)]
 
-    stats = StepStats()
+    stats = StepStats(device)
     for micro in steps[:warmup]:
         trainer.train_step(micro, stats)
     sync(device)
