@@ -32,19 +32,27 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
+# Preemption and time limits: USR1 to the batch shell 10 minutes before the end; the ranks
+# save and exit, and the job requeues itself and resumes (see slurm_launch.sh).
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
 set -eu  # no pipefail: `scontrol ... | head -n1` ends scontrol with SIGPIPE
 # sbatch runs a copy of this script from SLURM's spool directory: then the repository is where
 # the job was submitted from.
 if [ -f "$(dirname "$0")/../megatron_m6/pretrain.py" ]; then cd "$(dirname "$0")/.."; else cd "$SLURM_SUBMIT_DIR"; fi
 
 NODES=${NODES:-${SLURM_JOB_NUM_NODES:-4}}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+PRESET=${PRESET:-m6-10b}  # e.g. m6-tiny with MOCK_DATA=1 DEVICE=cpu BF16=0 to try the script on CPUs
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}  # processes per node: one per GPU (or CPU ranks with DEVICE=cpu)
+DEVICE=${DEVICE:-cuda}  # cuda | cpu (gloo)
+BF16=${BF16:-1}  # 1: bf16 mixed precision (--bf16); 0: fp32
 TP=${TP:-4}
 PP=${PP:-1}
 EP=${EP:-1}
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-1}
 DP_SHARDING=${DP_SHARDING:-optimizer}  # replicate | optimizer | full
-RECOMPUTE=${RECOMPUTE:-selective}  # empty | selective | full
+RECOMPUTE=${RECOMPUTE:-selective}  # selective | full | none
 MICRO_BATCH=${MICRO_BATCH:-16}
 GLOBAL_BATCH=${GLOBAL_BATCH:-1024}
 TRAIN_ITERS=${TRAIN_ITERS:-100000}
@@ -53,16 +61,17 @@ MIN_LR=${MIN_LR:-1e-5}
 WARMUP_ITERS=${WARMUP_ITERS:-2000}
 DATA_PATH=${DATA_PATH:-}  # indexed prefix or "W1 P1 W2 P2" (tools/preprocess_data.py); or MOCK_DATA=1
 MOCK_DATA=${MOCK_DATA:-0}
-SAVE=${SAVE:-checkpoints/m6_10b}  # empty: no checkpoints
-LOAD=${LOAD:-$SAVE}  # resumed from when it holds a checkpoint
+SAVE=${SAVE-checkpoints/m6_10b}  # empty: no checkpoints (and no preemption handling)
+LOAD=${LOAD-$SAVE}  # resumed from when it holds a checkpoint (empty: never)
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 EXIT_INTERVAL=${EXIT_INTERVAL:-}  # save and stop at multiples of this (before --time runs out)
 ASYNC_SAVE=${ASYNC_SAVE:-1}  # write checkpoints in the background while training goes on
-KEEP_LAST=${KEEP_LAST:-3}  # complete checkpoints kept under $SAVE (empty: all)
-TENSORBOARD_DIR=${TENSORBOARD_DIR:-runs/m6_10b}
+KEEP_LAST=${KEEP_LAST-3}  # complete checkpoints kept under $SAVE (empty: all)
+TENSORBOARD_DIR=${TENSORBOARD_DIR-runs/m6_10b}  # empty: no TensorBoard logs
 NUM_WORKERS=${NUM_WORKERS:-2}
 PYTHON=${PYTHON:-python3}
 MASTER_PORT=${MASTER_PORT:-29500}
+DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-10}  # a collective waiting longer fails and dumps NCCL's trace
+DRY_RUN=${DRY_RUN:-0}  # 1: build rank DRY_RUN_RANK's layout of this job on the meta device, no GPUs
 
-PRESET=m6-10b
 source examples/slurm_launch.sh "$@"
