@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: torch install deps test-deps demo test test-seeds bench bench-data bench-checkpoint
+.PHONY: torch install deps test-deps demo test test-seeds test-slurm bench bench-data bench-checkpoint
 
 # torch first, pinned, and only when none is present: an unpinned torch would pull a CUDA build,
 # and a user's own (CUDA) torch must never be replaced.
@@ -30,6 +30,12 @@ demo: deps
 test: test-deps
 	@$(PYTHON) tools/machine_info.py
 	$(PYTHON) -m pytest -q tests
+
+# The SLURM launch scripts under a real one-node SLURM on this machine: installs slurm-wlm and
+# munge with apt-get when missing (needs root), starts the daemons from build/slurm/, runs
+# tests_slurm/ and stops them. Kept out of `make test`, which needs no SLURM.
+test-slurm: test-deps
+	bash tools/slurm/local_cluster.sh run $(PYTHON) -m pytest -q tests_slurm
 
 # The kernel, MoE, attention and model tests under SEEDS fresh seeds (torch's global generator
 # from M6_TEST_SEED; the kernel tests draw their own from os.urandom): every failing seed is printed.
