@@ -34,6 +34,11 @@ LAYOUTS = {
     "DP2-full": (2, ["--data-parallel-sharding", "full", "--recompute-granularity", "full"]),
     "TP2xDP2-SP-full": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                             "--data-parallel-sharding", "full", "--recompute-granularity", "selective"]),
+    # examples/pretrain_m6_10b.sh's default layout in miniature (TP4 there); the base and 100b
+    # scripts' defaults are DP2-replicate and EP2xDP2-optimizer (with capacity: EP2-capacity).
+    "TP2xDP2-SP-optimizer-selective": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                           "--data-parallel-sharding", "optimizer",
+                                           "--recompute-granularity", "selective"]),
 }
 # Expert parallel layouts exist for the MoE model only.
 MOE_LAYOUTS = {
