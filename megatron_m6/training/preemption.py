@@ -6,7 +6,8 @@ and a requeued job resumes from there.
 Every rank must stop after the same iteration, or the ones that go on wait forever in their next
 collective: a signal may reach only some ranks, and their clocks pass a deadline at different
 steps. So after every step the ranks agree with one tiny all-reduce (the maximum of "signal
-received" and "time is up" over all ranks)."""
+received" and "time is up" over all ranks), of CPU integers over a gloo group of its own: it
+never waits for the GPU, so the step stays free of host synchronisation."""
 
 from __future__ import annotations
 
@@ -25,18 +26,20 @@ class StopAgreement:
     """Catches the stop signals (while active) and decides, with every rank, when to stop.
 
     Used as a context manager around the training loop: the clock of `--exit-duration-in-mins`
-    starts on entry. The signal handlers are installed at construction, before the data loader
-    forks its workers, which inherit them: under SLURM a signal reaches every process of a job
-    step, and a worker killed by it would fail the run. They are restored on exit."""
+    starts on entry, and the handlers are restored on exit. They are installed at construction,
+    before the data loader forks its workers: under SLURM a signal reaches every process of a job
+    step, and a worker killed by it would fail the run. Workers keep the inherited USR1 handler
+    (harmless there), but PyTorch gives them a SIGTERM handler that dies: hence the SLURM scripts
+    send USR1."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device):
+    def __init__(self, cfg: RunConfig):
         self.enabled = cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None
         if self.enabled and not cfg.save:
             raise ConfigError("--exit-signal-handler and --exit-duration-in-mins save a checkpoint "
                               "before exiting: give --save DIR")
         self.duration_s = None if cfg.exit_duration_in_mins is None else cfg.exit_duration_in_mins * 60
         self.minutes = cfg.exit_duration_in_mins
-        self.device = device
+        self.group = dist.new_group(backend="gloo") if self.enabled and dist.is_initialized() else None
         self.received = 0  # number of the stop signal caught on this rank, 0 if none
         self.start = time.monotonic()
         self._previous = {}
@@ -57,9 +60,9 @@ class StopAgreement:
         self._previous = {}
 
     def _all_ranks_max(self, values: list[int]) -> list[int]:
-        flags = torch.tensor(values, dtype=torch.int64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = torch.tensor(values, dtype=torch.int64)
+        if self.group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         return flags.tolist()
 
     def should_stop(self) -> str | None:

@@ -87,7 +87,7 @@ class Trainer:
         self.history: list[float] = []  # global-batch loss per iteration
         self.checkpointer = (ckpt.Checkpointer(cfg.save, cfg.async_save, cfg.keep_last)
                              if cfg.save else None)
-        self.early_stop = StopAgreement(cfg, device)  # --exit-signal-handler, --exit-duration-in-mins
+        self.early_stop = StopAgreement(cfg)  # --exit-signal-handler, --exit-duration-in-mins
         self.writer = None
         if cfg.tensorboard_dir and self.parallel.is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
