@@ -185,20 +185,24 @@ class M6(nn.Module):
         return self.lm_head(self.final_norm(x)), aux_total
 
 
-def local_indices(p: torch.Tensor) -> list[torch.Tensor]:
-    """For each dimension of `p`, the global indices of the rows this rank holds: all of them for
-    a plain tensor; for a DTensor, what its placements give this rank's mesh coordinates (Shard,
-    Replicate, and the _StridedShard FSDP puts over a dimension tensor or expert parallelism
-    already split). Sharding one dimension does not depend on the others, so each dimension is
-    worked out on its own, by laying out a 1-D index vector like that dimension of `p`."""
+def local_indices(p: torch.Tensor) -> list[slice | torch.Tensor]:
+    """For each dimension of `p`, the global indices this rank holds: a slice where they are
+    contiguous (all of them for a plain tensor, and every placement this repository makes), else
+    an index tensor. For a DTensor, they are what its placements give this rank's mesh
+    coordinates (Shard, Replicate, and the _StridedShard FSDP puts over a dimension that tensor
+    or expert parallelism already split). Sharding one dimension does not depend on the others,
+    so each is worked out on its own, by laying out a 1-D index vector like that dimension."""
     if not isinstance(p, DTensor):
-        return [torch.arange(n) for n in p.shape]
+        return [slice(0, n) for n in p.shape]
     indices = []
     for dim, n in enumerate(p.shape):
         placements = [_on_first_dim(pl) if getattr(pl, "dim", None) == dim else Replicate()
                       for pl in p.placements]
         index = torch.arange(n, device=p.device_mesh.device_type)
-        indices.append(distribute_tensor(index, p.device_mesh, placements, src_data_rank=None).to_local().cpu())
+        index = distribute_tensor(index, p.device_mesh, placements, src_data_rank=None).to_local().cpu()
+        first = int(index[0]) if len(index) else 0
+        contiguous = torch.equal(index, torch.arange(first, first + len(index)))
+        indices.append(slice(first, first + len(index)) if contiguous else index)
     return indices
 
 
@@ -207,16 +211,11 @@ def _on_first_dim(pl):
     return _StridedShard(0, split_factor=pl.split_factor) if isinstance(pl, _StridedShard) else Shard(0)
 
 
-def _take(t: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
-    """t[indices[0], indices[1], ...] as an outer product: a view where the indices are
-    contiguous ranges (every placement this repository makes), a gathered copy otherwise."""
+def _take(t: torch.Tensor, indices: list[slice | torch.Tensor]) -> torch.Tensor:
+    """t[indices[0], indices[1], ...] as an outer product: a view for slices, a gathered copy
+    along a dimension given by an index tensor."""
     for dim, index in enumerate(indices):
-        if len(index) == t.shape[dim]:
-            continue
-        if len(index) and bool((index == torch.arange(index[0], index[0] + len(index))).all()):
-            t = t.narrow(dim, int(index[0]), len(index))
-        else:
-            t = t.index_select(dim, index)
+        t = t[(slice(None),) * dim + (index,)] if isinstance(index, slice) else t.index_select(dim, index)
     return t
 
 
@@ -246,11 +245,18 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
         fill(t, torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode())))
         return t
 
+    assigned: set[int] = set()
+
     def assign(p: torch.Tensor, key: str, fill, per_expert: bool = False) -> None:
+        if id(p) in assigned:  # a tied head sharing the embedding's parameter: drawn once
+            return
+        assigned.add(id(p))
         local = p.to_local() if isinstance(p, DTensor) else p
         indices = local_indices(p)
         if per_expert:
-            for row, expert in enumerate(indices[0].tolist()):
+            rows = indices[0]
+            experts = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
+            for row, expert in enumerate(experts):
                 local[row].copy_(_take(draw(f"{key}.{expert}", p.shape[1:], fill), indices[1:]))
         else:
             local.copy_(_take(draw(key, p.shape, fill), indices))
