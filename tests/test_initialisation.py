@@ -1,0 +1,157 @@
+"""Initialisation at scale: each rank draws and allocates only its own shard of every parameter.
+
+Measured on 4 gloo ranks (EP2 x DP2, FSDP `optimizer`) during the whole of pretrain.setup, with
+two instruments that know nothing of init_weights: a TorchDispatchMode that records every
+`normal_` (the generator's seed names the tensor drawn, each row of stacked experts having its
+own), and torch's profiler, which records every CPU allocation and free.
+"""
+
+import math
+import tempfile
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_m6.config import parse_args
+from megatron_m6.model import M6
+from megatron_m6.pretrain import run, setup
+from tests.parallel_harness import TINY, run_parallel
+
+# 8 experts of 32 x 256: one whole stacked expert weight (64K elements) is larger than the
+# largest dense tensor (the last ResNet convolution, 64 x 64 x 3 x 3 = 36K), while a rank holds
+# 2 experts (EP2, then FSDP over 2 expert-data-parallel ranks).
+LAYOUT = ["--num-experts", "8", "--moe-ffn-hidden-size", "256", "--expert-model-parallel-size", "2",
+          "--data-parallel-sharding", "optimizer"]
+SEED = parse_args(TINY).seed
+
+
+class DrawRecorder(TorchDispatchMode):
+    """Every normal_ into real memory (nn.init.normal_ and kaiming_normal_ both end there; the
+    modules' own initialisation on the meta device draws nothing): (seed, elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws: list[tuple[int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.normal_.default and not args[0].is_meta:
+            generator = kwargs.get("generator")
+            self.draws.append((generator and generator.initial_seed(), args[0].numel()))
+        return func(*args, **kwargs)
+
+
+def allocated(prof) -> tuple[int, int]:
+    """(the most CPU bytes allocated at once while profiling, the bytes still allocated at its
+    end), counted from its start."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, live
+
+
+def drawn_keys(cfg) -> dict[int, str]:
+    """Generator seed -> the name of what it draws: every weight by its name, every expert row
+    by its weight's name and index (the naming init_weights documents)."""
+    with torch.device("meta"):
+        model = M6(cfg.model)
+    keys = {}
+    for name, p in model.named_parameters():
+        rows = [f"{name}.{e}" for e in range(p.shape[0])] if ".experts." in name else [name]
+        for key in rows:
+            keys[SEED * 1_000_003 + zlib.crc32(key.encode())] = key
+    return keys
+
+
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes of the storage this rank holds for `t` (FSDP's padding included)."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.untyped_storage().nbytes()
+
+
+def _gather(mine):
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def measure_setup(argv: list[str]) -> list[dict]:
+    """On every rank: what setup drew and allocated, beside what the rank holds after it; then,
+    after training a step and saving, what a setup with --load draws."""
+    save = argv[argv.index("--save") + 1]
+    layout = [a for a in argv if a not in ("--save", save)]
+    cfg = parse_args(TINY + layout)
+    cfg.model.resnet_bottleneck = False
+    recorder = DrawRecorder()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, recorder:
+        trainer, _ = setup(cfg, log=lambda line: None)
+    keys = drawn_keys(cfg)
+    model = trainer.model
+    held = {name: p for name, p in model.named_parameters()}
+    experts = {}
+    for name, p in held.items():
+        if name.endswith(("experts.w1", "experts.w2")):
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            experts[name] = dict(rows=list(range(offset[0], offset[0] + shape[0])),
+                                 local=p.to_local().numel())
+    mine = dict(
+        draws=[(keys.get(seed), n) for seed, n in recorder.draws],
+        experts=experts,
+        dense_sizes={name: p.numel() for name, p in held.items() if ".experts." not in name},
+        held_bytes=sum(local_bytes(t) for t in list(model.parameters()) + list(model.buffers())),
+        allocated=allocated(prof),
+    )
+    del trainer, model, held
+
+    # Train one step and save; then a setup that loads the checkpoint must draw nothing.
+    cfg = parse_args(TINY + layout + ["--train-iters", "1", "--save", save, "--save-interval", "1"])
+    cfg.model.resnet_bottleneck = False
+    trained = {n: p.full_tensor() for n, p in run(cfg, log=lambda line: None).model.named_parameters()}
+    cfg = parse_args(TINY + layout + ["--load", save])
+    cfg.model.resnet_bottleneck = False
+    recorder = DrawRecorder()
+    with recorder:
+        loaded, _ = setup(cfg, log=lambda line: None)
+    mine["draws_with_load"] = len(recorder.draws)
+    mine["loaded_equals_saved"] = all(torch.equal(p.full_tensor(), trained[n])
+                                      for n, p in loaded.model.named_parameters())
+    return _gather(mine)
+
+
+def test_each_rank_draws_and_allocates_only_its_own_shard():
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = run_parallel(4, LAYOUT + ["--save", tmp], fn=measure_setup)
+    for rank, r in enumerate(ranks):
+        drawn: dict[str, int] = {}
+        for key, n in r["draws"]:
+            assert key is not None, f"rank {rank} drew a tensor that is no parameter or expert row"
+            assert key not in drawn, f"rank {rank} drew {key} twice"
+            drawn[key] = n
+        # Experts: exactly the rows this rank holds (DTensor's own placement arithmetic), no more.
+        for name, e in r["experts"].items():
+            rows = sorted(int(k.rsplit(".", 1)[1]) for k in drawn if k.rsplit(".", 1)[0] == name)
+            assert rows == e["rows"], f"rank {rank} drew experts {rows} of {name}, holds {e['rows']}"
+            assert sum(drawn[f"{name}.{i}"] for i in rows) == e["local"]
+        # Dense weights are one generator's stream each: drawn whole, once, one at a time.
+        dense = {k: n for k, n in drawn.items() if ".experts." not in k}
+        assert all(n == r["dense_sizes"][k] for k, n in dense.items())
+        largest_dense = 4 * max(r["dense_sizes"].values())  # drawn in fp32
+        assert largest_dense < 4 * math.prod((8, 32, 256))  # else the bound below could not tell
+        # Peak during setup: what the rank keeps, plus one dense tensor's transient at most. What
+        # it keeps is its parameters and buffers (local shards, FSDP's padding included) and a
+        # few bytes of other state (FSDP's and the trainer's scalars), less than one expert row.
+        peak, kept = r["allocated"]
+        expert_row = 4 * 32 * 256
+        assert r["held_bytes"] <= kept < r["held_bytes"] + expert_row, (rank, kept, r["held_bytes"])
+        assert peak <= kept + largest_dense, (rank, peak, kept)
+        # With --load the checkpoint provides every weight: nothing is drawn.
+        assert r["draws_with_load"] == 0
+        assert r["loaded_equals_saved"]
