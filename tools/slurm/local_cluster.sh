@@ -61,9 +61,6 @@ SchedulerType=sched/builtin
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-# Quick turnaround for tests: a finished or requeued job frees the node at once.
-MinJobAge=60
-KillWait=30
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
