@@ -358,7 +358,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--train-iters must be at least 1")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
-    if not cfg.mock_data:
+    if not cfg.mock_data and not cfg.dry_run:  # a dry run builds the layout and reads no data
         validate_data(cfg)
     if cfg.task_weights and sum(cfg.task_weights.values()) <= 0:
         raise ConfigError("--task-weights must have a positive total")

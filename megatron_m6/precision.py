@@ -46,11 +46,19 @@ def compute_dtype(bf16: bool, params_dtype: str) -> torch.dtype:
     return torch.bfloat16 if bf16 else PARAMS_DTYPES[params_dtype]
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this kind of device, or None when it is off (or, as on
+    the meta device, does not exist)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def to_compute_dtype(t: torch.Tensor) -> torch.Tensor:
     """`t` in autocast's dtype when autocast is on (what a matmul would cast it to anyway): the
     dtype in which an activation leaves for another rank."""
-    device = t.device.type
-    return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
+    dtype = autocast_dtype(t.device.type)
+    return t if dtype is None else t.to(dtype)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -62,9 +70,7 @@ class LayerNorm(nn.LayerNorm):
     moves half the bytes (CUDA's autocast would hand it on in fp32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        with torch.autocast(device, enabled=False):
-            out = F.layer_norm(fp32_or_wider(x), self.normalized_shape, fp32_or_wider(self.weight),
-                               fp32_or_wider(self.bias), self.eps)
+        out_dtype = autocast_dtype(x.device.type) or x.dtype
+        out = F.layer_norm(fp32_or_wider(x), self.normalized_shape, fp32_or_wider(self.weight),
+                           fp32_or_wider(self.bias), self.eps)  # autocast keeps fp32 here
         return out.to(out_dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +154,7 @@ def parallelize(parts: list[nn.Module], cfg: RunConfig, dims: ParallelDims, mesh
         state.grad_all_reduce = GradAllReduce(nn.ModuleList(parts), state.dp_group,
                                               mesh["edp"].get_group(), cfg.overlap_grad_reduce)
     if dims.pp > 1 and not cfg.model.untie_embeddings_and_output_weights:
-        state.tied_group = tied_embedding_group(mesh)
+        state.tied_group = tied_embedding_group(mesh, timedelta(minutes=cfg.distributed_timeout_minutes))
         for part in parts:
             if hasattr(part, "embedding"):
                 state.tied_weight = part.embedding.word_emb.weight

@@ -12,6 +12,8 @@ over the two stages, which is exactly the gradient of the tied weight in one pro
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -106,7 +108,8 @@ class PipelineRunner:
         # The schedule's sends may still be in flight when a step returns: reductions of the
         # step's sums (and of the gradient norm) use their own group of the same ranks.
         pp_groups = mesh.mesh.permute(1, 2, 3, 0).reshape(-1, pp).tolist()
-        self.pp_group, _ = dist.new_subgroups_by_enumeration(pp_groups)
+        self.pp_group, _ = dist.new_subgroups_by_enumeration(
+            pp_groups, timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
         self.is_first = 0 in stage_ids
         self.num_micro_batches = num_micro_batches
         self.loss = PipelineLoss(device)
@@ -189,7 +192,7 @@ def build_pipeline_stages(model: M6, cfg: RunConfig, pp_rank: int, pp: int) -> t
     return ids, [PipelineStageModel(model, s, num_stages) for s in ids]
 
 
-def tied_embedding_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
+def tied_embedding_group(mesh: DeviceMesh, timeout: timedelta) -> dist.ProcessGroup | None:
     """The process group of this rank and its peer holding the other copy of the tied embedding
     (first and last pipeline stage, same data/expert/tensor coordinates); every rank creates
     every such group, in the same order, as new_group requires."""
@@ -198,7 +201,7 @@ def tied_embedding_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
     for coords in torch.cartesian_prod(*(torch.arange(n) for n in ranks.shape[1:])).reshape(-1, 3).tolist():
         e, p, t = coords
         pair = [int(ranks[0, e, p, t]), int(ranks[-1, e, p, t])]
-        group = dist.new_group(pair)
+        group = dist.new_group(pair, timeout=timeout)
         if dist.get_rank() in pair:
             mine = group
     return mine
