@@ -6,9 +6,11 @@ PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 .PHONY: torch install deps test-deps demo test test-seeds test-slurm bench bench-data bench-checkpoint
 
 # torch first, pinned, and only when none is present: an unpinned torch would pull a CUDA build,
-# and a user's own (CUDA) torch must never be replaced.
+# and a user's own (CUDA) torch must never be replaced. One that is too old stops here with
+# megatron_m6's own one-line error, before pip would try to replace it.
 torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) "torch==$(TORCH_VERSION)"
+	@$(PYTHON) -c "import megatron_m6"
 
 # The repo itself is installed editable (no dependencies) so `python -m megatron_m6...` finds
 # m6_kernels, which lives in kernels/, from anywhere.

@@ -368,6 +368,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--keep-last {cfg.keep_last} must be at least 1")
     if (cfg.async_save or cfg.keep_last) and not cfg.save:
         raise ConfigError("--async-save and --keep-last need --save")
+    if (cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None) and not cfg.save and not cfg.dry_run:
+        raise ConfigError("--exit-signal-handler and --exit-duration-in-mins save a checkpoint "
+                          "before exiting: give --save DIR")
     if cfg.exit_duration_in_mins is not None and cfg.exit_duration_in_mins <= 0:
         raise ConfigError("--exit-duration-in-mins must be positive")
     if cfg.distributed_timeout_minutes <= 0:

@@ -8,6 +8,7 @@ Sample i is a pure function of (seed, i), so resuming only needs the number of c
 from __future__ import annotations
 
 import io
+import signal
 from functools import partial
 
 import numpy as np
@@ -252,8 +253,13 @@ def collate(samples: list[dict], seq_length: int, pad_id: int,
 
 
 def _worker_init(worker_id: int) -> None:
-    """One torch thread per worker: workers decode images in parallel already."""
+    """One torch thread per worker: workers decode images in parallel already. SIGTERM and
+    SIGUSR1 are ignored: SLURM signals every process of a job step, and only the rank decides
+    to stop (--exit-signal-handler) and then shuts its workers down itself; a worker whose rank
+    is gone exits on its own (PyTorch's worker watchdog)."""
     torch.set_num_threads(1)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class DataParallelSampler(Sampler[int]):

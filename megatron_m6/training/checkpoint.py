@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import warnings
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -149,11 +150,13 @@ class Checkpointer:
     are done, noticed by `poll()` between steps or by `wait()`; DCP writes the global metadata
     only after every rank's shards are written and fsynced, so rank 0 alone can tell."""
 
-    def __init__(self, save_dir: str, async_save: bool = False, keep_last: int | None = None):
+    def __init__(self, save_dir: str, async_save: bool = False, keep_last: int | None = None,
+                 timeout: timedelta | None = None):
         self.save_dir, self.async_save, self.keep_last = save_dir, async_save, keep_last
         # Background saves talk over their own gloo group: their collectives run in the writer
         # thread and must never interleave with the training collectives of the main thread.
-        self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.group = (dist.new_group(backend="gloo", timeout=timeout)
+                      if async_save and dist.is_initialized() else None)
         # One stager for the whole run: it keeps its CPU copies (pinned on GPUs) and refills them
         # at every save instead of allocating the whole state again.
         self.stager = DefaultStager(StagingOptions(

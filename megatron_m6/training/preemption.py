@@ -17,7 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_m6.config import ConfigError, RunConfig
+from megatron_m6.config import RunConfig
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -33,10 +33,7 @@ class StopAgreement:
     send USR1."""
 
     def __init__(self, cfg: RunConfig):
-        self.enabled = cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None
-        if self.enabled and not cfg.save:
-            raise ConfigError("--exit-signal-handler and --exit-duration-in-mins save a checkpoint "
-                              "before exiting: give --save DIR")
+        self.enabled = cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None  # --save: validate()
         self.duration_s = None if cfg.exit_duration_in_mins is None else cfg.exit_duration_in_mins * 60
         self.minutes = cfg.exit_duration_in_mins
         self.group = dist.new_group(backend="gloo") if self.enabled and dist.is_initialized() else None

@@ -8,6 +8,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -85,7 +86,8 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.history: list[float] = []  # global-batch loss per iteration
-        self.checkpointer = (ckpt.Checkpointer(cfg.save, cfg.async_save, cfg.keep_last)
+        self.checkpointer = (ckpt.Checkpointer(cfg.save, cfg.async_save, cfg.keep_last,
+                                             timedelta(minutes=cfg.distributed_timeout_minutes))
                              if cfg.save else None)
         self.early_stop = StopAgreement(cfg)  # --exit-signal-handler, --exit-duration-in-mins
         self.writer = None
