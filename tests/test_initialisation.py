@@ -58,15 +58,25 @@ def allocated(prof) -> tuple[int, int]:
     return peak, live
 
 
+BY_ROW = (torch.nn.Linear, torch.nn.Embedding)  # and stacked experts: drawn row by row
+
+
 def drawn_keys(cfg) -> dict[int, str]:
-    """Generator seed -> the name of what it draws: every weight by its name, every expert row
-    by its weight's name and index (the naming init_weights documents)."""
+    """Generator seed -> the name of what it draws: a convolution's weight by its name, each row
+    of a linear or embedding weight and each expert of a stacked expert weight by the weight's
+    name and the row's index (the naming init_weights documents)."""
     with torch.device("meta"):
         model = M6(cfg.model)
     keys = {}
     for name, p in model.named_parameters():
-        rows = [f"{name}.{e}" for e in range(p.shape[0])] if ".experts." in name else [name]
-        for key in rows:
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        if name.endswith(("experts.w1", "experts.w2")) or (isinstance(module, BY_ROW) and name.endswith(".weight")):
+            drawn = [f"{name}.{r}" for r in range(p.shape[0])]
+        elif isinstance(module, torch.nn.Conv2d):
+            drawn = [name]
+        else:  # biases and norms are filled, not drawn
+            drawn = []
+        for key in drawn:
             keys[SEED * 1_000_003 + zlib.crc32(key.encode())] = key
     return keys
 
@@ -96,16 +106,17 @@ def measure_setup(argv: list[str]) -> list[dict]:
     keys = drawn_keys(cfg)
     model = trainer.model
     held = {name: p for name, p in model.named_parameters()}
-    experts = {}
+    by_row, whole = {}, {}
     for name, p in held.items():
-        if name.endswith(("experts.w1", "experts.w2")):
+        if f"{name}.0" in keys.values():
             shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            experts[name] = dict(rows=list(range(offset[0], offset[0] + shape[0])),
-                                 local=p.to_local().numel())
+            by_row[name] = dict(rows=list(range(offset[0], offset[0] + shape[0])),
+                                row=math.prod(p.shape[1:]), local=p.to_local().numel())
+        elif name in keys.values():
+            whole[name] = p.numel()
     mine = dict(
         draws=[(keys.get(seed), n) for seed, n in recorder.draws],
-        experts=experts,
-        dense_sizes={name: p.numel() for name, p in held.items() if ".experts." not in name},
+        by_row=by_row, whole=whole,
         held_bytes=sum(local_bytes(t) for t in list(model.parameters()) + list(model.buffers())),
         allocated=allocated(prof),
     )
@@ -135,19 +146,23 @@ def test_each_rank_draws_and_allocates_only_its_own_shard():
             assert key is not None, f"rank {rank} drew a tensor that is no parameter or expert row"
             assert key not in drawn, f"rank {rank} drew {key} twice"
             drawn[key] = n
-        # Experts: exactly the rows this rank holds (DTensor's own placement arithmetic), no more.
-        for name, e in r["experts"].items():
+        # Linear, embedding and expert weights: exactly the rows this rank holds (DTensor's own
+        # placement arithmetic), no more; FSDP shards them all on rows here, so what is drawn is
+        # what is kept.
+        for name, w in r["by_row"].items():
             rows = sorted(int(k.rsplit(".", 1)[1]) for k in drawn if k.rsplit(".", 1)[0] == name)
-            assert rows == e["rows"], f"rank {rank} drew experts {rows} of {name}, holds {e['rows']}"
-            assert sum(drawn[f"{name}.{i}"] for i in rows) == e["local"]
-        # Dense weights are one generator's stream each: drawn whole, once, one at a time.
-        dense = {k: n for k, n in drawn.items() if ".experts." not in k}
-        assert all(n == r["dense_sizes"][k] for k, n in dense.items())
-        largest_dense = 4 * max(r["dense_sizes"].values())  # drawn in fp32
+            assert rows == w["rows"], f"rank {rank} drew rows {rows} of {name}, holds {w['rows']}"
+            assert all(drawn[f"{name}.{i}"] == w["row"] for i in rows)
+            assert len(rows) * w["row"] >= w["local"] - w["row"]  # FSDP pads at most one row
+        # Convolutions (He's fan-out needs the whole shape) are drawn whole, once each.
+        assert all(drawn[k] == n for k, n in r["whole"].items())
+        assert set(drawn) <= {f"{n}.{i}" for n, w in r["by_row"].items() for i in w["rows"]} | set(r["whole"])
+        largest_dense = 4 * max(list(r["whole"].values()) + [w["row"] for w in r["by_row"].values()])
         assert largest_dense < 4 * math.prod((8, 32, 256))  # else the bound below could not tell
-        # Peak during setup: what the rank keeps, plus one dense tensor's transient at most. What
-        # it keeps is its parameters and buffers (local shards, FSDP's padding included) and a
-        # few bytes of other state (FSDP's and the trainer's scalars), less than one expert row.
+        # Peak during setup: what the rank keeps, plus one drawn tensor's transient at most (a
+        # row, or a whole convolution). What it keeps is its parameters and buffers (local
+        # shards, FSDP's padding included) and a few bytes of other state (FSDP's and the
+        # trainer's scalars), less than one expert row.
         peak, kept = r["allocated"]
         expert_row = 4 * 32 * 256
         assert r["held_bytes"] <= kept < r["held_bytes"] + expert_row, (rank, kept, r["held_bytes"])

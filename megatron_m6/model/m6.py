@@ -231,12 +231,13 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
     receives its slice of the same global tensor. `prefix` names a submodule initialised on its
     own (conversion tools materialise one module at a time).
 
-    What a rank draws: stacked experts [E, ...] are drawn expert by expert, each from its own
-    generator, so a rank draws exactly the experts it holds (at m6-100b one w1 is 512 experts x
-    4 M = 8.6 GB: drawing it whole on every rank is not an option). A dense weight is one
-    generator's stream, which cannot be split without changing its values, so it is drawn whole
-    and the rank keeps its slice: a transient of one tensor at a time (at most the word
-    embedding, 348 MB in fp32 at m6-10b), freed before the next is drawn."""
+    What a rank draws: linear and embedding weights and stacked experts [E, ...] are drawn row
+    by row (expert by expert), each row from its own generator, so a rank draws exactly the rows
+    it holds (at m6-100b one w1 is 512 experts x 4 M = 8.6 GB: drawing it whole on every rank is
+    not an option), and of those only the columns it keeps reach its shard: a transient of one
+    row at a time. Where a weight is split along its columns (tensor parallel's row-parallel
+    proj and fc2), the rank draws whole rows, tp times its shard. Convolutions are drawn whole
+    (He's fan-out needs the whole shape; the largest, ResNet-50's, is 2.4M numbers)."""
     std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
     tied = not cfg.untie_embeddings_and_output_weights
 
@@ -247,17 +248,17 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
 
     assigned: set[int] = set()
 
-    def assign(p: torch.Tensor, key: str, fill, per_expert: bool = False) -> None:
+    def assign(p: torch.Tensor, key: str, fill, by_row: bool = False) -> None:
         if id(p) in assigned:  # a tied head sharing the embedding's parameter: drawn once
             return
         assigned.add(id(p))
         local = p.to_local() if isinstance(p, DTensor) else p
         indices = local_indices(p)
-        if per_expert:
+        if by_row:
             rows = indices[0]
-            experts = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
-            for row, expert in enumerate(experts):
-                local[row].copy_(_take(draw(f"{key}.{expert}", p.shape[1:], fill), indices[1:]))
+            rows = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
+            for i, row in enumerate(rows):
+                local[i].copy_(_take(draw(f"{key}.{row}", p.shape[1:], fill), indices[1:]))
         else:
             local.copy_(_take(draw(key, p.shape, fill), indices))
 
@@ -281,12 +282,12 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
             elif isinstance(module, (nn.Linear, nn.Embedding)):
                 residual = name.endswith(("attn.proj", "mlp.fc2"))
                 key = "embedding.word_emb" if tied and name.endswith("lm_head") else name
-                assign(module.weight, f"{key}.weight", normal(out_std if residual else std))
+                assign(module.weight, f"{key}.weight", normal(out_std if residual else std), by_row=True)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, GroupedExperts):  # expert by expert: a shard draws its own
                 for leaf, sd in (("w1", std), ("w2", out_std)):
-                    assign(getattr(module, leaf), f"{name}.{leaf}", normal(sd), per_expert=True)
+                    assign(getattr(module, leaf), f"{name}.{leaf}", normal(sd), by_row=True)
                 module.b1.zero_()
                 module.b2.zero_()
 
