@@ -26,11 +26,10 @@ class StopAgreement:
     """Catches the stop signals (while active) and decides, with every rank, when to stop.
 
     Used as a context manager around the training loop: the clock of `--exit-duration-in-mins`
-    starts on entry, and the handlers are restored on exit. They are installed at construction,
-    before the data loader forks its workers: under SLURM a signal reaches every process of a job
-    step, and a worker killed by it would fail the run. Workers keep the inherited USR1 handler
-    (harmless there), but PyTorch gives them a SIGTERM handler that dies: hence the SLURM scripts
-    send USR1."""
+    starts on entry, and the handlers are restored on exit. Under SLURM a signal reaches every
+    process of a job step, data loader workers included: they ignore both signals
+    (megatron_m6/data/dataset.py), so only the rank decides. The SLURM scripts send USR1, which
+    torchrun passes on to the ranks (TORCHELASTIC_SIGNALS_TO_HANDLE)."""
 
     def __init__(self, cfg: RunConfig):
         self.enabled = cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None  # --save: validate()
