@@ -8,10 +8,11 @@
 # limit (#SBATCH --signal=B:USR1@...). The trap below passes it on to every process of the
 # training step (scancel signals them all); torchrun forwards it to its ranks as well, and the
 # ranks (--exit-signal-handler) finish their step, save a checkpoint and exit. Then this shell
-# requeues the job (#SBATCH --requeue), which resumes from that checkpoint. USR1, not SIGTERM:
-# PyTorch's data loader workers die on SIGTERM (which fails the rank before it can save), while
-# USR1 finds them with the rank's handler, inherited when they were forked. torchrun handles
-# USR1 from torch 2.9 on (TORCHELASTIC_SIGNALS_TO_HANDLE); an older one would be killed by it.
+# requeues the job (#SBATCH --requeue), which resumes from that checkpoint. USR1, because SLURM
+# sends SIGTERM of its own at the time limit and on scancel; data loader workers ignore both
+# (megatron_m6/data/dataset.py: they died of SIGTERM before, failing the rank before it could
+# save). torchrun handles USR1 from torch 2.9 on (TORCHELASTIC_SIGNALS_TO_HANDLE); an older one
+# would be killed by it.
 
 # NCCL and PyTorch: settings already in the environment (e.g. the cluster's NCCL_SOCKET_IFNAME,
 # NCCL_IB_HCA) win; srun passes the environment to every node.
