@@ -21,7 +21,7 @@ from megatron_m6.model.moe import resolve_moe_dispatch_backend
 from megatron_m6.parallel import (ParallelDims, ParallelState, destroy_process_mesh, init_process_mesh,
                                   parallel_dims, parallelize)
 from megatron_m6.parallel.mesh import local_device, world_size_from_env
-from megatron_m6.precision import PARAMS_DTYPES
+from megatron_m6.precision import PARAMS_DTYPES, compute_dtype
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError
 from megatron_m6.training.trainer import Trainer, TrainingError
@@ -50,7 +50,7 @@ def pick_device(name: str) -> torch.device:
 
 def kernel_backends(cfg: RunConfig, device: torch.device) -> str:
     """The attention (and MoE dispatch) backends this run uses, for the start-up log line."""
-    dtype = torch.bfloat16 if cfg.bf16 else PARAMS_DTYPES[cfg.params_dtype]
+    dtype = compute_dtype(cfg.bf16, cfg.params_dtype)
     text = f"attention backend: {resolve_attention_backend(cfg.model, device, dtype)}"
     if cfg.model.num_experts:
         text += f"; MoE dispatch: {resolve_moe_dispatch_backend(cfg.model, device)}"
