@@ -42,8 +42,20 @@ def cluster():
     """The local cluster must be up (make test-slurm starts it); say so rather than fail later."""
     if not shutil.which("sbatch") or "SLURM_CONF" not in os.environ:
         pytest.fail("no SLURM here: run `make test-slurm` (tools/slurm/local_cluster.sh run ...)")
+    assert node_idle(), "the local SLURM node is not idle: " + subprocess.run(
+        ["sinfo", "-N"], capture_output=True, text=True).stdout
+
+
+def node_idle() -> bool:
     state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True)
-    assert state.stdout.strip() == "idle", f"the local SLURM node is not idle: {state.stdout}{state.stderr}"
+    return state.stdout.strip() == "idle"
+
+
+def daemon_logs() -> str:
+    """The ends of slurmctld's and slurmd's logs (local_cluster.sh keeps them beside SLURM_CONF)."""
+    logs = os.path.join(os.path.dirname(os.environ["SLURM_CONF"]), "log")
+    return "".join(f"\n== {name}\n" + "".join(open(os.path.join(logs, name)).readlines()[-30:])
+                   for name in ("slurmctld.log", "slurmd.log") if os.path.exists(os.path.join(logs, name)))
 
 
 def wait_for(condition, what: str, log=None):
@@ -101,13 +113,16 @@ def test_a_signalled_job_saves_requeues_itself_and_resumes(tmp_path):
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
         info = wait_for_state(job, log, "PENDING", restarts=1)
         assert info["JobState"] == "PENDING", log.read_text()  # requeued, not ended
-        # SLURM holds a requeued job back for two minutes (its BeginTime); let it start now.
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        # SLURM holds a requeued job back for two minutes (its BeginTime); let it start sooner, but
+        # not at once: slurmd refuses a run whose credential is from the same second as the first
+        # run's revoked one ("Job credential revoked", and the job ends FAILED).
+        wait_for(node_idle, "idle node after the requeue", log)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], check=True)
         info = wait_for_state(job, log, "COMPLETED", restarts=1)
     finally:
         subprocess.run(["scancel", job], capture_output=True)  # a no-op once it has finished
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text + daemon_logs()
     stopped = int(re.search(r"^received SIGUSR1: saved checkpoint at iteration (\d+), exiting$",
                             text, re.M).group(1))
     assert 2 <= stopped < iters, text
