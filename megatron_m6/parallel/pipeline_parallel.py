@@ -21,9 +21,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
 
-from megatron_m6.config import TASK_NAMES, ModelConfig, RunConfig
+from megatron_m6.config import ModelConfig, RunConfig
 from megatron_m6.model.m6 import M6, text_positions, token_losses
 from megatron_m6.precision import PARAMS_DTYPES, compute_dtype, fp32_or_wider, to_compute_dtype
+from megatron_m6.training.loss_sums import LossSums
 
 
 
@@ -82,20 +83,12 @@ class PipelineLoss:
         self.reset()
 
     def reset(self) -> None:
-        n = len(TASK_NAMES)
-        self.sums = torch.zeros(2 * n + 2, dtype=torch.float64, device=self.device)  # task loss, task tokens, ce, aux
+        self.sums = LossSums.zeros(self.device)
 
     def __call__(self, output, target: torch.Tensor) -> torch.Tensor:
         logits, aux = output
         labels, mask, task = target[:, 0], target[:, 1].float(), target[:, 2, 0]
-        ce = token_losses(logits, labels)
-        loss_sum = (ce * mask).sum()
-        n = len(TASK_NAMES)
-        per_sample = (ce.detach() * mask).sum(1).double()
-        self.sums[:n].index_add_(0, task, per_sample)
-        self.sums[n:2 * n].index_add_(0, task, mask.sum(1).double())
-        self.sums[2 * n] += loss_sum.detach().double()
-        self.sums[2 * n + 1] += aux.detach().sum().double()
+        loss_sum = self.sums.add(token_losses(logits, labels), mask, task, aux)
         return loss_sum * self.scale.to(loss_sum.dtype) + aux.sum() * self.aux_scale
 
 
@@ -142,22 +135,26 @@ class PipelineRunner:
         args = (batch["tokens"], batch["images"]) if self.is_first else ()
         return args, kwargs, target
 
-    def forward_backward(self, micro_batches: list[dict], cfg: ModelConfig, scale: torch.Tensor) -> torch.Tensor:
-        """Run the schedule; returns the step's sums (see PipelineLoss) on every pipeline rank."""
+    def forward_backward(self, micro_batches: list[dict], cfg: ModelConfig, scale: torch.Tensor) -> LossSums:
+        """Run the schedule; returns the step's loss sums on every pipeline rank."""
         args, kwargs, target = self._inputs(micro_batches, cfg.num_image_tokens)
         self.loss.reset()
         self.loss.scale, self.loss.aux_scale = scale, 1.0 / len(micro_batches)
         self.schedule.step(*args, target=target, **kwargs)
-        dist.all_reduce(self.loss.sums, group=self.pp_group)  # only the last stage has them
-        return self.loss.sums
+        return self._loss_sums()
 
     @torch.no_grad()
-    def evaluate(self, micro_batches: list[dict], cfg: ModelConfig) -> torch.Tensor:
+    def evaluate(self, micro_batches: list[dict], cfg: ModelConfig) -> LossSums:
         args, kwargs, target = self._inputs(micro_batches, cfg.num_image_tokens)
         self.loss.reset()
         self.schedule.eval(*args, target=target, **kwargs)
-        dist.all_reduce(self.loss.sums, group=self.pp_group)
-        return self.loss.sums
+        return self._loss_sums()
+
+    def _loss_sums(self) -> LossSums:
+        """The loss sums of the last run, on every pipeline rank (only the last stage has them)."""
+        flat = self.loss.sums.to_tensor()
+        dist.all_reduce(flat, group=self.pp_group)
+        return LossSums.from_tensor(flat)
 
 
 def _hidden(cfg: RunConfig, tp: int) -> tuple[torch.Tensor, torch.Tensor]:

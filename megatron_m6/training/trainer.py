@@ -18,6 +18,7 @@ from megatron_m6.model import token_losses
 from megatron_m6.parallel import ParallelDims, ParallelState
 from megatron_m6.precision import PARAMS_DTYPES
 from megatron_m6.training import checkpoint as ckpt
+from megatron_m6.training.loss_sums import LossSums
 from megatron_m6.training.preemption import StopAgreement
 from megatron_m6.training.schedule import learning_rate
 
@@ -49,27 +50,17 @@ class StepStats:
     (added to without reading them back) and are read once, by log_stats."""
 
     device: torch.device = torch.device("cpu")
-    task_loss: torch.Tensor = None  # [tasks] summed target loss
-    task_tokens: torch.Tensor = None  # [tasks] target tokens
-    aux: torch.Tensor = None  # summed per-step mean MoE aux loss
-    grad_norm: torch.Tensor = None  # summed per-step gradient norm
+    sums: LossSums = field(init=False)  # of this rank's micro-batches
+    grad_norm: torch.Tensor = field(init=False)  # summed per-step gradient norm
     tokens: int = 0  # counted from the batches on the host, before they move to the device
     samples: int = 0
+    micro_batches: int = 0  # of this rank
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self):
-        zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=self.device)
-        self.task_loss, self.task_tokens = zeros(len(TASK_NAMES)), zeros(len(TASK_NAMES))
-        self.aux, self.grad_norm = zeros(()), zeros(())
-
-
-def per_task_loss(ce: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed target loss and target-token count per task, for logging (ce: per position)."""
-    per_sample = (ce.detach() * batch["loss_mask"]).sum(1).double()
-    count = batch["loss_mask"].sum(1).double()
-    zeros = torch.zeros(len(TASK_NAMES), dtype=torch.float64, device=ce.device)
-    return (zeros.index_add(0, batch["task_id"], per_sample), zeros.index_add(0, batch["task_id"], count))
+        self.sums = LossSums.zeros(self.device)
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=self.device)
 
 
 class Trainer:
@@ -106,13 +97,14 @@ class Trainer:
         return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
                 for k, v in batch.items()}
 
-    def forward_loss(self, batch: dict):
-        """(cross entropy per position, summed target loss, MoE aux loss) of one micro-batch."""
+    def forward_loss(self, batch: dict, sums: LossSums) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed target loss, MoE aux loss) of one micro-batch, differentiable; both are also
+        added to `sums`."""
         with self._autocast():
             logits, aux = self.model(batch["tokens"], batch["prefix_len"], batch["valid_len"],
                                      batch["images"], batch["has_image"])
         ce = token_losses(logits, batch["labels"])
-        return ce, (ce * batch["loss_mask"]).sum(), aux
+        return sums.add(ce, batch["loss_mask"], batch["task_id"], aux), aux
 
     def train_step(self, micro_batches: list[dict], stats: StepStats) -> float:
         """One optimizer step on the global batch; returns its loss."""
@@ -129,24 +121,26 @@ class Trainer:
 
         The step reads the device once, at its end: the loss and the gradient norm together, so
         that a NaN stops training before the optimizer step writes it into the weights."""
-        par = self.parallel
+        parallel = self.parallel
         lr = learning_rate(self.cfg, self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         local_targets = sum(b["loss_mask"].sum() for b in micro_batches).double()
-        total_targets = par.all_reduce_dp(local_targets.to(self.device)).clamp(min=1.0)
+        total_targets = parallel.all_reduce_dp(local_targets.to(self.device)).clamp(min=1.0)
         for batch in micro_batches:  # host tensors: no device read
             stats.tokens += int(batch["valid_len"].sum())
             stats.samples += batch["tokens"].shape[0]
-        if par.pipeline is not None:
-            loss_sum_local = self._pipeline_forward_backward(micro_batches, total_targets, stats)
+        stats.micro_batches += len(micro_batches)
+        if parallel.pipeline is not None:
+            step = self._pipeline_forward_backward(micro_batches, total_targets)
         else:
-            loss_sum_local = self._forward_backward_micro_batches(micro_batches, total_targets, stats)
-        par.finish_grad_sync(self.model)
+            step = self._forward_backward_micro_batches(micro_batches, total_targets)
+        stats.sums += step  # before the all-reduce below sums step.loss in place
+        parallel.finish_grad_sync(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = par.clip_grad_norm_(params, self.cfg.clip_grad or math.inf)
-        step_loss_t = par.all_reduce_dp(loss_sum_local) / total_targets
+        grad_norm = parallel.clip_grad_norm_(params, self.cfg.clip_grad or math.inf)
+        step_loss_t = parallel.all_reduce_dp(step.loss) / total_targets
         stats.grad_norm += grad_norm.detach().double()
         stats.steps += 1
         step_loss, norm = torch.stack([step_loss_t, grad_norm.detach().double()]).tolist()
@@ -159,40 +153,30 @@ class Trainer:
         self.history.append(step_loss)
         return step_loss
 
-    def _forward_backward_micro_batches(self, micro_batches: list[dict], total_targets: torch.Tensor,
-                                        stats: StepStats) -> torch.Tensor:
-        """One process or stage per rank: forward and backward each micro-batch in turn.
+    def _forward_backward_micro_batches(self, micro_batches: list[dict],
+                                        total_targets: torch.Tensor) -> LossSums:
+        """One process or stage per rank: forward and backward each micro-batch in turn; returns
+        this rank's loss sums of the step.
 
         The aux loss is a mean over the micro-batches of all DP ranks (n * dp of them)."""
-        par, n = self.parallel, len(micro_batches)
-        loss_sum_local = torch.zeros((), dtype=torch.float64, device=self.device)
+        parallel, n = self.parallel, len(micro_batches)
+        sums = LossSums.zeros(self.device)
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
-            with par.loss_context():
-                ce, loss_sum, aux = self.forward_loss(batch)
-                loss = loss_sum / total_targets.to(loss_sum.dtype) * par.dims.dp + aux / n
-                par.before_backward(self.model, last_micro_batch=i == n - 1)
+            with parallel.loss_context():
+                loss_sum, aux = self.forward_loss(batch, sums)
+                loss = loss_sum / total_targets.to(loss_sum.dtype) * parallel.dims.dp + aux / n
+                parallel.before_backward(self.model, last_micro_batch=i == n - 1)
                 loss.backward()
-            loss_sum_local += loss_sum.detach()
-            task_loss, task_tokens = per_task_loss(ce, batch)
-            stats.task_loss += task_loss
-            stats.task_tokens += task_tokens
-            stats.aux += aux.detach().double() / n
-        return loss_sum_local
+        return sums
 
-    def _pipeline_forward_backward(self, micro_batches: list[dict], total_targets: torch.Tensor,
-                                   stats: StepStats) -> torch.Tensor:
+    def _pipeline_forward_backward(self, micro_batches: list[dict], total_targets: torch.Tensor) -> LossSums:
         """Pipeline parallel: the schedule interleaves the micro-batches over the stages; the
         last stage computes the loss, and its sums reach every stage."""
-        k = len(TASK_NAMES)
         with self.parallel.loss_context(), self._autocast():
-            sums = self.parallel.pipeline.forward_backward(
+            return self.parallel.pipeline.forward_backward(
                 [self._to_device(b) for b in micro_batches], self.cfg.model,
                 scale=self.parallel.dims.dp / total_targets)
-        stats.task_loss += sums[:k]
-        stats.task_tokens += sums[k:2 * k]
-        stats.aux += sums[2 * k + 1] / len(micro_batches)
-        return sums[2 * k]
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -245,14 +229,14 @@ class Trainer:
 
     def log_stats(self, s: StepStats) -> None:
         elapsed = time.perf_counter() - s.start
-        n = len(TASK_NAMES)
         counts = torch.tensor([s.tokens, s.samples], dtype=torch.float64, device=self.device)
-        totals = self.parallel.all_reduce_dp(torch.cat([s.task_loss, s.task_tokens, s.aux[None], counts]))
+        totals = self.parallel.all_reduce_dp(torch.cat([s.sums.to_tensor(), counts]))
         totals = torch.cat([totals, s.grad_norm[None]]).cpu()  # the interval's one read of the device
-        task_loss, task_tokens = totals[:n], totals[n:2 * n]
-        aux = float(totals[2 * n]) / self.parallel.dims.dp / s.steps
-        tokens, samples = float(totals[2 * n + 1]), float(totals[2 * n + 2])
-        grad_norm = float(totals[2 * n + 3]) / s.steps
+        sums = LossSums.from_tensor(totals[:-3])
+        tokens, samples, grad_norm = totals[-3:].tolist()
+        task_loss, task_tokens = sums.task_loss, sums.task_tokens
+        aux = float(sums.aux) / (self.parallel.dims.dp * s.micro_batches)  # mean per micro-batch
+        grad_norm /= s.steps
         losses = task_loss / task_tokens.clamp(min=1)
         mean = float(task_loss.sum() / task_tokens.sum().clamp(min=1))
         parts = [f"iteration {self.iteration:6d}/{self.cfg.train_iters}", f"loss {mean:.4f}"]
@@ -278,24 +262,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, targets
-        batches = itertools.islice(self.eval_loader_fn(), self.cfg.eval_iters)
+        sums = LossSums.zeros(self.device)
         pipeline = self.parallel.pipeline
         if pipeline is not None:  # whole schedules of micro-batches
-            k, n = len(TASK_NAMES), self.num_micro_batches
+            n = self.num_micro_batches
             loader = iter(self.eval_loader_fn())
             for _ in range(-(-self.cfg.eval_iters // n)):
                 group = [self._to_device(b) for b in itertools.islice(loader, n)]
                 with self.parallel.loss_context(), self._autocast():
-                    step = pipeline.evaluate(group, self.cfg.model)
-                sums += torch.stack([step[2 * k], step[k:2 * k].sum()])
-            batches = []
-        for batch in batches:
-            batch = self._to_device(batch)
-            with self.parallel.loss_context():
-                _, loss, _ = self.forward_loss(batch)
-            sums += torch.stack([loss.double(), batch["loss_mask"].sum().double()])
-        loss_sum, targets = self.parallel.all_reduce_dp(sums).tolist()
+                    sums += pipeline.evaluate(group, self.cfg.model)
+        else:
+            for batch in itertools.islice(self.eval_loader_fn(), self.cfg.eval_iters):
+                with self.parallel.loss_context():
+                    self.forward_loss(self._to_device(batch), sums)
+        sums = LossSums.from_tensor(self.parallel.all_reduce_dp(sums.to_tensor()))
+        loss_sum, targets = torch.stack([sums.loss, sums.task_tokens.sum()]).tolist()
         value = loss_sum / max(targets, 1.0)
         self.log(f"validation at iteration {self.iteration} | loss {value:.4f} | "
                  f"ppl {math.exp(min(value, 50)):.2f}")
