@@ -13,6 +13,10 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from megatron_m6.data.blending import parse_blend, parse_split
+from megatron_m6.data.indexed import dataset_exists
+from megatron_m6.data.task_spec import TASK_NAMES, min_seq_length
+
 
 class ConfigError(ValueError):
     """An impossible or contradictory configuration; its message is one line for the user."""
@@ -172,13 +176,6 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-TASK_NAMES = ("text_denoising", "prefix_lm", "captioning", "mm_denoising", "mm_prefix_lm")
-
-
-def _str2bool(x: str) -> bool:
-    return x.lower() in ("1", "true", "yes")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Pretrain M6 (Megatron-style flags).", allow_abbrev=False)
@@ -260,7 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
-RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model"}
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
@@ -321,7 +317,6 @@ def validate(cfg: RunConfig) -> None:
                           f"--hidden-size {m.hidden_size}")
     if m.position_embedding_type == "rope" and m.head_dim % 2:
         raise ConfigError(f"rotary embeddings need an even head dimension, got {m.head_dim}")
-    from megatron_m6.data.tasks import min_seq_length  # here: tasks imports this module
     for task in TASK_NAMES:
         need = min_seq_length(task, m.num_image_tokens)
         if cfg.task_weights.get(task, 1.0 if not cfg.task_weights else 0.0) > 0 and cfg.seq_length < need:
@@ -387,9 +382,6 @@ def validate(cfg: RunConfig) -> None:
 
 def validate_data(cfg: RunConfig) -> None:
     """--data-path names complete indexed datasets, --split and --vocab-file make sense."""
-    from megatron_m6.data.blending import parse_blend, parse_split  # here: data imports config
-    from megatron_m6.data.indexed import dataset_exists
-
     if not cfg.data_path:
         raise ConfigError("give --data-path (PREFIX or W1 PREFIX1 W2 PREFIX2 ..., indexed datasets "
                           "from tools/preprocess_data.py) or --mock-data")

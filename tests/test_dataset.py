@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_m6.config import TASK_NAMES
 from megatron_m6.data.dataset import (IMAGENET_MEAN, IMAGENET_STD, M6PretrainDataset, MockDataset,
                                       build_data_loader, collate, image_to_tensor)
 from megatron_m6.data.indexed import IndexedDatasetError, IndexedDatasetWriter
+from megatron_m6.data.task_spec import IMAGE_TASKS, TASK_NAMES
+from megatron_m6.data.tasks import build_sample
 from tests.conftest import FakeTokenizer
-from megatron_m6.data.tasks import IMAGE_TASKS, build_sample
 
 SEQ, N_IMG, IMG = 40, 4, 16
 

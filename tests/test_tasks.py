@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from megatron_m6.config import TASK_NAMES
+from megatron_m6.data.task_spec import IMAGE_TASKS, TASK_NAMES, min_seq_length
+from megatron_m6.data.tasks import build_sample, span_corrupt
 from tests.conftest import FakeTokenizer
-from megatron_m6.data.tasks import IMAGE_TASKS, build_sample, min_seq_length, span_corrupt
 
 TOK = FakeTokenizer()
 SENTINELS = TOK.sentinel_ids

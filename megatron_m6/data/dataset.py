@@ -16,12 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from megatron_m6.config import TASK_NAMES
 from megatron_m6.data.blending import (SPLIT_NAMES, epoch_permutation, parse_blend, parse_split,
                                        sample_index, split_ranges)
 from megatron_m6.data.indexed import TEXT_MODE, IndexedDataset, IndexedDatasetError
-from megatron_m6.data.tasks import (IMAGE_TASKS, MIN_TEXT_TOKENS, TEXT_TASKS, build_sample,
-                                    min_seq_length)
+from megatron_m6.data.task_spec import IMAGE_TASKS, MIN_TEXT_TOKENS, TASK_NAMES, TEXT_TASKS, min_seq_length
+from megatron_m6.data.tasks import build_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -12,14 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_m6.config import TASK_NAMES
+from megatron_m6.data.task_spec import (DENOISING_TASKS, IMAGE_TASKS, LAYOUT_SPECIAL_TOKENS, TASK_NAMES,
+                                        min_seq_length, min_text_tokens)
 
-TEXT_TASKS = ("text_denoising", "prefix_lm")
-IMAGE_TASKS = ("captioning", "mm_denoising", "mm_prefix_lm")
-DENOISING_TASKS = ("text_denoising", "mm_denoising")
 NOISE_DENSITY = 0.15
 MEAN_SPAN = 3.0
-MIN_TEXT_TOKENS = 2  # prefix LM and span corruption need a token on each side
 
 
 @dataclass
@@ -88,13 +85,6 @@ def _max_text_len(task: str, n: int, budget: int, num_sentinels: int) -> int:
     return n
 
 
-def min_seq_length(task: str, num_image_tokens: int) -> int:
-    """Shortest seq_length that can hold one sample of `task` (image, 3 specials, shortest text)."""
-    n_img = num_image_tokens if task in IMAGE_TASKS else 0
-    text = 1 if task == "captioning" else MIN_TEXT_TOKENS
-    return n_img + 3 + text + (2 if task in DENOISING_TASKS else 0)
-
-
 def build_sample(task: str, text_tokens: list[int], tok, rng: np.random.Generator, seq_length: int,
                  num_image_tokens: int, image=None) -> Sample:
     """Build one sample of `task` from a document (text tasks) or caption (image tasks).
@@ -104,9 +94,9 @@ def build_sample(task: str, text_tokens: list[int], tok, rng: np.random.Generato
     if task not in TASK_NAMES:
         raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASK_NAMES)}")
     n_img = num_image_tokens if task in IMAGE_TASKS else 0
-    budget = seq_length - n_img - 3  # room for source + target after [CLS], [SEP], [EOS]
+    budget = seq_length - n_img - LAYOUT_SPECIAL_TOKENS  # room for source + target
     text = text_tokens[:_max_text_len(task, len(text_tokens), budget, len(tok.sentinel_ids))]
-    min_text = 1 if task == "captioning" else MIN_TEXT_TOKENS
+    min_text = min_text_tokens(task)
     if len(text) < min_text:
         raise ValueError(f"{task} needs at least {min_text} text tokens within seq_length "
                          f"{seq_length} (min {min_seq_length(task, num_image_tokens)}); "
