@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.model import M6, init_weights
-from megatron_m6.training.checkpoint import (CheckpointError, _fsync_write, latest_checkpoint,
-                                             publish, reason)
+from megatron_m6.training.checkpoint import (CheckpointError, _fsync_write, checkpoint_dir,
+                                             latest_checkpoint, one_line_cause, publish)
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -186,7 +186,7 @@ def checkpoint_to_release(load_dir: str, output: str, max_shard_bytes: int = 5 *
         try:
             dcp.load(state, checkpoint_id=path, no_dist=True)
         except Exception as e:
-            raise CheckpointError(f"{path}: reading {names[0]}... failed: {reason(e)}") from None
+            raise CheckpointError(f"{path}: reading {names[0]}... failed: {one_line_cause(e)}") from None
         block = {name: state["model"].pop(name).to(out_dtype[name]).contiguous() for name in names}
         shard = os.path.join(tmp, _shard_name(k, len(shards)))
         save_file(block, shard, metadata={"format": "pt"})
@@ -257,7 +257,7 @@ def write_model_checkpoint(save_dir: str, cfg: ModelConfig, make: Callable[[str]
         return t.to(shapes[name].dtype).contiguous()
 
     os.makedirs(save_dir)
-    tmp = os.path.join(save_dir, "iter_0000000.tmp")
+    tmp = checkpoint_dir(save_dir, 0) + ".tmp"
     os.makedirs(tmp)
     writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False)
     dcp.save({"model": shapes}, storage_writer=writer, planner=_StreamingSavePlanner(checked),

@@ -57,7 +57,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def reason(e: BaseException) -> str:
+CHECKPOINT_DIR_PATTERN = r"iter_\d{7}"  # the folder names checkpoint_dir gives
+
+
+def checkpoint_dir(save_dir: str, iteration: int) -> str:
+    """The folder of iteration's checkpoint: SAVE/iter_0000100, as Megatron names it."""
+    return os.path.join(save_dir, f"iter_{iteration:07d}")
+
+
+def one_line_cause(e: BaseException) -> str:
     """The cause, in one line, of an error from torch.distributed.checkpoint (whose exceptions
     carry every rank's traceback; the last line names what went wrong)."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
@@ -122,7 +130,7 @@ def publish(save_dir: str, iteration: int, keep_last: int | None) -> str:
     """Rank 0, once every rank's files of iteration_N.tmp are complete and on disk: rename it to
     its final name, point the tracker at it, then drop what is no longer needed (leftovers of
     interrupted saves, and checkpoints beyond the newest `keep_last`)."""
-    final = os.path.join(save_dir, f"iter_{iteration:07d}")
+    final = checkpoint_dir(save_dir, iteration)
     if os.path.isdir(final):  # this iteration saved before: set aside, deleted after the tracker
         shutil.rmtree(f"{final}.deleting", ignore_errors=True)
         os.replace(final, f"{final}.deleting")
@@ -131,8 +139,9 @@ def publish(save_dir: str, iteration: int, keep_last: int | None) -> str:
     _fsync_write(tracker_tmp, lambda f: f.write(str(iteration).encode()))
     os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
     names = os.listdir(save_dir)
-    others = sorted(n for n in names if re.fullmatch(r"iter_\d{7}", n) and n != os.path.basename(final))
-    stale = [n for n in names if re.fullmatch(r"iter_\d{7}\.(tmp|deleting)", n)]
+    others = sorted(n for n in names
+                    if re.fullmatch(CHECKPOINT_DIR_PATTERN, n) and n != os.path.basename(final))
+    stale = [n for n in names if re.fullmatch(CHECKPOINT_DIR_PATTERN + r"\.(tmp|deleting)", n)]
     old = others[:len(others) - (keep_last - 1)] if keep_last else []  # never the one just published
     for name in old:  # renamed first: a half-deleted folder never looks like a checkpoint
         os.replace(os.path.join(save_dir, name), os.path.join(save_dir, name + ".deleting"))
@@ -167,7 +176,8 @@ class Checkpointer:
     def save(self, iteration: int, model: nn.Module, optimizer, meta: dict) -> str:
         """Every rank; returns the folder the checkpoint has (or, in the background, will have)."""
         self.wait()
-        tmp = os.path.join(self.save_dir, f"iter_{iteration:07d}.tmp")
+        final = checkpoint_dir(self.save_dir, iteration)
+        tmp = f"{final}.tmp"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -178,7 +188,6 @@ class Checkpointer:
             _fsync_write(os.path.join(tmp, "meta.pt"), lambda f: torch.save({**meta, "world_size": world}, f))
         parts = list(model) if isinstance(model, nn.ModuleList) else [model]
         state = {"model": model_state(parts), "optimizer": _optimizer_state(model, optimizer)}
-        final = os.path.join(self.save_dir, f"iter_{iteration:07d}")
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group,
                                     async_stager=self.stager, no_dist=not dist.is_initialized())
@@ -207,7 +216,7 @@ class Checkpointer:
             future.result()
         except Exception as e:
             raise CheckpointError(f"saving the checkpoint of iteration {iteration} failed: "
-                                  f"{reason(e)}; the previous checkpoint stays the latest") from None
+                                  f"{one_line_cause(e)}; the previous checkpoint stays the latest") from None
         if _rank() == 0:
             publish(self.save_dir, iteration, self.keep_last)
         return iteration
@@ -237,7 +246,7 @@ def latest_checkpoint(load_dir: str) -> tuple[str, dict]:
     text = open(tracker).read().strip()
     if not text.isdigit():
         raise CheckpointError(f"{tracker} is corrupt: {text[:40]!r} is not an iteration number")
-    path = os.path.join(load_dir, f"iter_{int(text):07d}")
+    path = checkpoint_dir(load_dir, int(text))
     for name in ("meta.pt", ".metadata"):
         if not os.path.isfile(os.path.join(path, name)):
             raise CheckpointError(f"{tracker} names iteration {text}, but {os.path.join(path, name)} is missing")
@@ -275,7 +284,7 @@ def _read(path: str, state: dict) -> None:
     try:
         dcp.load(flat, checkpoint_id=path)
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"{path} does not fit this model: {reason(e)}") from None
+        raise CheckpointError(f"{path} does not fit this model: {one_line_cause(e)}") from None
     for group, entries in state.items():
         for key in entries:
             entries[key] = flat[group][source(group, key)]
@@ -288,7 +297,7 @@ def load_model_weights(path: str, model: nn.Module) -> None:
     try:
         dcp.load(state, checkpoint_id=path, no_dist=True)
     except (Exception, CheckpointException) as e:  # missing or misshapen weights: one line
-        raise CheckpointError(f"{path} does not fit its model_config: {reason(e)}") from None
+        raise CheckpointError(f"{path} does not fit its model_config: {one_line_cause(e)}") from None
     model.load_state_dict(state["model"])
 
 

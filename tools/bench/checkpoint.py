@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from megatron_m6.config import parse_args  # noqa: E402
 from megatron_m6.model import M6  # noqa: E402
-from megatron_m6.training.checkpoint import Checkpointer, load_checkpoint  # noqa: E402
+from megatron_m6.training.checkpoint import Checkpointer, checkpoint_dir, load_checkpoint  # noqa: E402
 
 
 def drop_page_cache() -> bool:
@@ -125,7 +125,7 @@ def main() -> None:
     sync_dir = os.path.join(root, "sync")
     saver = Checkpointer(sync_dir)
     seconds = timed(lambda: saver.save(1, model, optimizer, meta))
-    size = folder_bytes(os.path.join(sync_dir, "iter_0000001"))
+    size = folder_bytes(checkpoint_dir(sync_dir, 1))
     report("DCP save (sync, fsync, published)", seconds, size)
     cold = drop_page_cache()
     cache = "cold page cache" if cold else "warm page cache"
