@@ -39,21 +39,21 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("to-release", help="training checkpoint -> consolidated safetensors release")
-    r.add_argument("--load", required=True, help="a --save folder (the latest checkpoint is taken)")
-    r.add_argument("--output", required=True, help="release folder to create")
-    r.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
-                   help="larger releases are sharded with an index file (default 5GB)")
-    r.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights (default: as saved)")
-    r.add_argument("--vocab-file", help="tokenizer vocabulary to ship (default: the one training used)")
-    f = sub.add_parser("from-release", help="release -> model-only training checkpoint")
-    f.add_argument("--input", required=True, help="release folder")
-    f.add_argument("--output", required=True, help="--save-style folder to create")
-    n = sub.add_parser("resnet", help="torchvision ResNet-50 state dict -> image encoder of a fresh M6")
-    n.add_argument("--input", required=True, help="torchvision state dict (.pth, .pt or .safetensors)")
-    n.add_argument("--output", required=True, help="--save-style folder to create")
-    n.add_argument("model_flags", nargs=argparse.REMAINDER,
-                   help="after --: pretrain's model flags (--preset, --seed, --vocab-file, ...)")
+    to_release = sub.add_parser("to-release", help="training checkpoint -> consolidated safetensors release")
+    to_release.add_argument("--load", required=True, help="a --save folder (the latest checkpoint is taken)")
+    to_release.add_argument("--output", required=True, help="release folder to create")
+    to_release.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
+                            help="larger releases are sharded with an index file (default 5GB)")
+    to_release.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights (default: as saved)")
+    to_release.add_argument("--vocab-file", help="tokenizer vocabulary to ship (default: the one training used)")
+    from_release = sub.add_parser("from-release", help="release -> model-only training checkpoint")
+    from_release.add_argument("--input", required=True, help="release folder")
+    from_release.add_argument("--output", required=True, help="--save-style folder to create")
+    resnet = sub.add_parser("resnet", help="torchvision ResNet-50 state dict -> image encoder of a fresh M6")
+    resnet.add_argument("--input", required=True, help="torchvision state dict (.pth, .pt or .safetensors)")
+    resnet.add_argument("--output", required=True, help="--save-style folder to create")
+    resnet.add_argument("model_flags", nargs=argparse.REMAINDER,
+                        help="after --: pretrain's model flags (--preset, --seed, --vocab-file, ...)")
     return p
 
 
