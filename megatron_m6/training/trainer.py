@@ -229,16 +229,18 @@ class Trainer:
 
     def log_stats(self, s: StepStats) -> None:
         elapsed = time.perf_counter() - s.start
+        # The loss sums and the host's counts summed over DP ranks in one all-reduce; the gradient
+        # norm is the same on every rank.
         counts = torch.tensor([s.tokens, s.samples], dtype=torch.float64, device=self.device)
         totals = self.parallel.all_reduce_dp(torch.cat([s.sums.to_tensor(), counts]))
         totals = torch.cat([totals, s.grad_norm[None]]).cpu()  # the interval's one read of the device
         sums = LossSums.from_tensor(totals[:-3])
         tokens, samples, grad_norm = totals[-3:].tolist()
-        task_loss, task_tokens = sums.task_loss, sums.task_tokens
         aux = float(sums.aux) / (self.parallel.dims.dp * s.micro_batches)  # mean per micro-batch
         grad_norm /= s.steps
-        losses = task_loss / task_tokens.clamp(min=1)
-        mean = float(task_loss.sum() / task_tokens.sum().clamp(min=1))
+        task_tokens = sums.task_tokens
+        losses = sums.task_loss / task_tokens.clamp(min=1)
+        mean = float(sums.task_loss.sum() / task_tokens.sum().clamp(min=1))
         parts = [f"iteration {self.iteration:6d}/{self.cfg.train_iters}", f"loss {mean:.4f}"]
         parts += [f"{name} {losses[i]:.3f}" for i, name in enumerate(TASK_NAMES) if task_tokens[i] > 0]
         if self.cfg.model.num_experts:
