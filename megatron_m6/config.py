@@ -141,10 +141,10 @@ class RunConfig:
     world_size: int | None = None
     rank: int | None = None
 
-    @property
-    def num_micro_batches(self) -> int:
-        """Gradient-accumulation steps (one process; the parallel issue divides by DP)."""
-        return self.global_batch_size // self.micro_batch_size
+    def micro_batches_per_rank(self, dp_size: int = 1) -> int:
+        """Micro-batches each of `dp_size` data-parallel ranks runs per step (gradient
+        accumulation; a pipeline's schedule length)."""
+        return self.global_batch_size // (self.micro_batch_size * dp_size)
 
 
 PRESETS: dict[str, dict] = {
@@ -317,9 +317,13 @@ def validate(cfg: RunConfig) -> None:
                           f"--hidden-size {m.hidden_size}")
     if m.position_embedding_type == "rope" and m.head_dim % 2:
         raise ConfigError(f"rotary embeddings need an even head dimension, got {m.head_dim}")
-    for task in TASK_NAMES:
+    if cfg.task_weights and sum(cfg.task_weights.values()) <= 0:
+        raise ConfigError("--task-weights must have a positive total")
+    if any(w < 0 for w in cfg.task_weights.values()):
+        raise ConfigError("--task-weights must not be negative")
+    for task in used_tasks(cfg):
         need = min_seq_length(task, m.num_image_tokens)
-        if cfg.task_weights.get(task, 1.0 if not cfg.task_weights else 0.0) > 0 and cfg.seq_length < need:
+        if cfg.seq_length < need:
             raise ConfigError(f"--seq-length {cfg.seq_length} is too short for {task}: it needs "
                               f"{need} ({m.num_image_tokens} image tokens, special tokens and text)")
     if cfg.seq_length > m.max_position_embeddings:
@@ -355,10 +359,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
     if not cfg.mock_data and not cfg.dry_run:  # a dry run builds the layout and reads no data
         validate_data(cfg)
-    if cfg.task_weights and sum(cfg.task_weights.values()) <= 0:
-        raise ConfigError("--task-weights must have a positive total")
-    if any(w < 0 for w in cfg.task_weights.values()):
-        raise ConfigError("--task-weights must not be negative")
     if cfg.keep_last is not None and cfg.keep_last < 1:
         raise ConfigError(f"--keep-last {cfg.keep_last} must be at least 1")
     if (cfg.async_save or cfg.keep_last) and not cfg.save:
@@ -378,6 +378,54 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--rank {cfg.rank} is not in [0, --world-size {cfg.world_size})")
     if cfg.load is not None and not os.path.isdir(cfg.load):
         raise ConfigError(f"--load {cfg.load} does not exist")
+
+
+def used_tasks(cfg: RunConfig) -> list[str]:
+    """The tasks a run draws samples of: those of positive --task-weights (all by default; all
+    with --mock-data, whose synthetic samples ignore the weights)."""
+    if cfg.mock_data or not cfg.task_weights:
+        return list(TASK_NAMES)
+    return [t for t in TASK_NAMES if cfg.task_weights.get(t, 0.0) > 0]
+
+
+def validate_layout(cfg: RunConfig, world_size: int) -> None:
+    """Reject a parallel layout that `world_size` ranks cannot hold, once the world size is known
+    (parallel/mesh.py's parallel_dims runs this before building the mesh)."""
+    m = cfg.model
+    tp, pp, ep = (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+                  cfg.expert_model_parallel_size)
+    if min(tp, pp, ep) < 1:
+        raise ConfigError("parallel sizes must be at least 1")
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tensor ({tp}) x pipeline "
+                          f"({pp}) parallel size")
+    dp = world_size // (tp * pp)  # data parallel is what remains
+    virtual = cfg.num_layers_per_virtual_pipeline_stage
+    checks = [
+        (m.num_attention_heads % tp, f"--num-attention-heads {m.num_attention_heads} is not divisible by TP {tp}"),
+        (m.ffn_hidden_size % tp, f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by TP {tp}"),
+        (m.vocab_size % tp, f"vocabulary size {m.vocab_size} is not divisible by TP {tp}"),
+        (m.num_layers % pp, f"--num-layers {m.num_layers} is not divisible by {pp} pipeline stages"),
+        (ep > 1 and not m.num_experts, f"--expert-model-parallel-size {ep} needs --num-experts"),
+        (m.num_experts % ep, f"--num-experts {m.num_experts} is not divisible by EP {ep}"),
+        (dp % ep, f"EP {ep} does not divide data-parallel size {dp}"),
+        (cfg.sequence_parallel and tp == 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        (cfg.sequence_parallel and cfg.seq_length % tp,
+         f"--seq-length {cfg.seq_length} is not divisible by TP {tp} (sequence parallel)"),
+        (virtual and pp == 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"),
+        (virtual and m.num_layers % (pp * virtual),
+         f"--num-layers {m.num_layers} is not divisible by {pp} stages x {virtual} layers per virtual stage"),
+        (cfg.global_batch_size % (cfg.micro_batch_size * dp),
+         f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
+         f"{cfg.micro_batch_size} x data-parallel size {dp}"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise ConfigError(message)
+    micro_per_rank = cfg.micro_batches_per_rank(dp)
+    if pp > 1 and micro_per_rank % pp:
+        raise ConfigError(f"{micro_per_rank} micro-batches per step per data-parallel rank must be a "
+                          f"multiple of the {pp} pipeline stages (raise --global-batch-size)")
 
 
 def validate_data(cfg: RunConfig) -> None:

@@ -118,7 +118,7 @@ def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
     stage_ids, parts, parallel, n_params = build_layout(cfg, dims, mesh, device)
     model = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
     if dims.pp > 1:
-        micro_per_step = cfg.global_batch_size // (cfg.micro_batch_size * dims.dp)
+        micro_per_step = cfg.micro_batches_per_rank(dims.dp)
         parallel.pipeline = PipelineRunner(parts, stage_ids, dims.pp * len(stage_ids), mesh,
                                            device, cfg, micro_per_step)
     if parallel.is_logging_rank:

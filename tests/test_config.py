@@ -16,6 +16,7 @@ from megatron_m6.model_size import model_size
     ([], "--data-path"),
     (["--mock-data", "--global-batch-size", "6", "--micro-batch-size", "4"], "multiple of"),
     (["--mock-data", "--task-weights", "captioning=1,translation=2"], "unknown task"),
+    (["--mock-data", "--task-weights", "captioning=2,prefix_lm=-1"], "must not be negative"),
     (["--mock-data", "--num-experts", "6", "--moe-expert-prototypes", "4", "--moe-router-topk", "4"], "must divide"),
     (["--mock-data", "--load", "/no/such/checkpoint"], "does not exist"),
     (["--mock-data", "--async-save"], "need --save"),

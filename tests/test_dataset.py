@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from megatron_m6.config import ConfigError, parse_args
 from megatron_m6.data.dataset import (IMAGENET_MEAN, IMAGENET_STD, M6PretrainDataset, MockDataset,
                                       build_data_loader, collate, image_to_tensor)
 from megatron_m6.data.indexed import IndexedDatasetError, IndexedDatasetWriter
@@ -132,12 +133,14 @@ def test_errors(data_dir):
     write_text(data_dir / "short", ["x"])
     with pytest.raises(ValueError, match="no text documents of at least 2 tokens"):
         make(data_dir, {"text_denoising": 1}, names=("short",))
-    with pytest.raises(ValueError, match="unknown tasks"):
-        make(data_dir, {"vqa": 1})
-    with pytest.raises(ValueError, match="positive total"):
-        make(data_dir, {"captioning": 0})
-    with pytest.raises(ValueError, match="too short"):
-        M6PretrainDataset(str(data_dir / "pairs"), TOK, 10, 9, IMG, {"captioning": 1}, 0, 4)
+    # Weights and lengths are checked once, where the flags are read (config.validate).
+    flags = ["--data-path", str(data_dir / "text"), str(data_dir / "pairs"), "--image-size", "96"]
+    with pytest.raises(ConfigError, match="unknown task 'vqa'"):
+        parse_args(flags + ["--task-weights", "vqa=1"])
+    with pytest.raises(ConfigError, match="positive total"):
+        parse_args(flags + ["--task-weights", "captioning=0"])
+    with pytest.raises(ConfigError, match="too short"):
+        parse_args(flags + ["--seq-length", "10", "--task-weights", "captioning=1"])
     with pytest.raises(IndexError):
         make(data_dir, {"captioning": 1}, num_samples=4)[4]
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from megatron_m6.data.blending import (SPLIT_NAMES, epoch_permutation, parse_blend, parse_split,
                                        sample_index, split_ranges)
 from megatron_m6.data.indexed import TEXT_MODE, IndexedDataset, IndexedDatasetError
-from megatron_m6.data.task_spec import IMAGE_TASKS, MIN_TEXT_TOKENS, TASK_NAMES, TEXT_TASKS, min_seq_length
+from megatron_m6.data.task_spec import IMAGE_TASKS, MIN_TEXT_TOKENS, TASK_NAMES, TEXT_TASKS
 from megatron_m6.data.tasks import build_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,17 +41,10 @@ def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-def task_probabilities(task_weights: dict[str, float] | None) -> np.ndarray:
-    """Sampling probability of each task in TASK_NAMES order; None or {} means all equal."""
-    if not task_weights:
-        return np.full(len(TASK_NAMES), 1.0 / len(TASK_NAMES))
-    unknown = set(task_weights) - set(TASK_NAMES)
-    if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; tasks are {', '.join(TASK_NAMES)}")
+def task_probabilities(task_weights: dict[str, float]) -> np.ndarray:
+    """Sampling probability of each task in TASK_NAMES order, from weights that config.validate
+    has checked (known tasks, none negative, a positive total)."""
     w = np.array([float(task_weights.get(t, 0.0)) for t in TASK_NAMES])
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"task weights must be non-negative with a positive total, "
-                         f"got {task_weights}")
     return w / w.sum()
 
 
@@ -109,6 +102,8 @@ class M6PretrainDataset(Dataset):
     data_path is Megatron's --data-path list: a prefix, or W1 PREFIX1 W2 PREFIX2 ... With
     task_weights None, tasks are weighted equally among those the data can serve. Token ids come
     from the memory-mapped files; images are decoded in __getitem__, so DataLoader workers do it.
+    The flags are checked once, by config.validate; what is checked here is what only reading
+    the data shows: every task drawn has documents to draw from.
     """
 
     def __init__(self, data_path: list[str] | str, tok, seq_length: int, num_image_tokens: int,
@@ -136,9 +131,6 @@ class M6PretrainDataset(Dataset):
                                             or {t: 1.0 for t in TASK_NAMES})
         used = [t for t, p in zip(TASK_NAMES, self.probs) if p > 0]
         for t in used:
-            if seq_length < min_seq_length(t, num_image_tokens):
-                raise ValueError(f"seq_length {seq_length} is too short for task {t} (needs "
-                                 f"{min_seq_length(t, num_image_tokens)})")
             if not serves[kind_of[t]].sum():
                 what = "image-text pairs" if kind_of[t] == "image" else "text documents"
                 raise ValueError(f"task {t} has weight > 0 but --data-path "
@@ -189,9 +181,6 @@ class MockDataset(Dataset):
     def __init__(self, vocab_size: int, seq_length: int, num_image_tokens: int, image_size: int,
                  seed: int, num_samples: int, img_id: int = 7, cls_id: int = 2, sep_id: int = 3,
                  eos_id: int = 6):
-        if seq_length < num_image_tokens + 3 + MIN_TEXT_TOKENS:
-            raise ValueError(f"seq_length {seq_length} is too short for {num_image_tokens} image "
-                             f"tokens, 3 specials and {MIN_TEXT_TOKENS} text tokens")
         self.vocab_size, self.seq_length = vocab_size, seq_length
         self.seed, self.num_samples = seed, num_samples
         self.num_image_tokens, self.image_size = num_image_tokens, image_size

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Backend as C10dBackend  # the options type groups take
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megatron_m6.config import ConfigError, RunConfig
+from megatron_m6.config import RunConfig, validate_layout
 
 
 @dataclass(frozen=True)
@@ -38,45 +38,10 @@ class ParallelDims:
 
 
 def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
-    """The layout of `cfg` on `world_size` ranks, or one clear ConfigError."""
-    m = cfg.model
-    tp, pp, ep = (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
-                  cfg.expert_model_parallel_size)
-    if min(tp, pp, ep) < 1:
-        raise ConfigError("parallel sizes must be at least 1")
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tensor ({tp}) x pipeline "
-                          f"({pp}) parallel size")
-    dims = ParallelDims(world_size, tp, pp, ep)
-    checks = [
-        (m.num_attention_heads % tp, f"--num-attention-heads {m.num_attention_heads} is not divisible by TP {tp}"),
-        (m.ffn_hidden_size % tp, f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by TP {tp}"),
-        (m.vocab_size % tp, f"vocabulary size {m.vocab_size} is not divisible by TP {tp}"),
-        (m.num_layers % pp, f"--num-layers {m.num_layers} is not divisible by {pp} pipeline stages"),
-        (ep > 1 and not m.num_experts, f"--expert-model-parallel-size {ep} needs --num-experts"),
-        (m.num_experts % ep, f"--num-experts {m.num_experts} is not divisible by EP {ep}"),
-        (dims.dp % ep, f"EP {ep} does not divide data-parallel size {dims.dp}"),
-        (cfg.sequence_parallel and tp == 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
-        (cfg.sequence_parallel and cfg.seq_length % tp,
-         f"--seq-length {cfg.seq_length} is not divisible by TP {tp} (sequence parallel)"),
-        (cfg.num_layers_per_virtual_pipeline_stage and pp == 1,
-         "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"),
-        (cfg.num_layers_per_virtual_pipeline_stage
-         and m.num_layers % (pp * cfg.num_layers_per_virtual_pipeline_stage),
-         f"--num-layers {m.num_layers} is not divisible by {pp} stages x "
-         f"{cfg.num_layers_per_virtual_pipeline_stage} layers per virtual stage"),
-        (cfg.global_batch_size % (cfg.micro_batch_size * dims.dp),
-         f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
-         f"{cfg.micro_batch_size} x data-parallel size {dims.dp}"),
-    ]
-    for failed, message in checks:
-        if failed:
-            raise ConfigError(message)
-    micro_per_rank = cfg.global_batch_size // (cfg.micro_batch_size * dims.dp)
-    if pp > 1 and micro_per_rank % pp:
-        raise ConfigError(f"{micro_per_rank} micro-batches per step per data-parallel rank must be a "
-                          f"multiple of the {pp} pipeline stages (raise --global-batch-size)")
-    return dims
+    """The layout of `cfg` on `world_size` ranks, or one clear ConfigError (config.validate_layout)."""
+    validate_layout(cfg, world_size)
+    return ParallelDims(world_size, cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+                        cfg.expert_model_parallel_size)
 
 
 def init_process_mesh(dims: ParallelDims, device: torch.device,

@@ -71,7 +71,7 @@ class Trainer:
         self.parallel = parallel or ParallelState(ParallelDims(world_size=1))
         self.log = log if self.parallel.is_logging_rank else (lambda line: None)
         # Micro-batches per rank per step: the global batch is split over data-parallel ranks.
-        self.num_micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * self.parallel.dims.dp)
+        self.num_micro_batches = cfg.micro_batches_per_rank(self.parallel.dims.dp)
         self.optimizer = build_optimizer(model, cfg, device)
         self.eval_loader_fn = eval_loader_fn  # () -> iterable of batches
         self.iteration = 0

@@ -67,7 +67,7 @@ def main() -> None:
     data = MockDataset(m.vocab_size, cfg.seq_length, m.num_image_tokens, m.image_size, cfg.seed,
                        cfg.train_iters * cfg.global_batch_size)
     batches = iter(build_data_loader(data, cfg.micro_batch_size, cfg.seq_length, 0, m.image_size, 0, 0))
-    steps = [[next(batches) for _ in range(cfg.num_micro_batches)] for _ in range(cfg.train_iters)]
+    steps = [[next(batches) for _ in range(cfg.micro_batches_per_rank())] for _ in range(cfg.train_iters)]
 
     stats = StepStats(device)
     for micro in steps[:warmup]:
