@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_m6.config import TASK_NAMES
+from megatron_m6.data.task_spec import TASK_NAMES
 
 
 @dataclass

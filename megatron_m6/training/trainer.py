@@ -13,7 +13,8 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from megatron_m6.config import TASK_NAMES, RunConfig
+from megatron_m6.config import RunConfig
+from megatron_m6.data.task_spec import TASK_NAMES
 from megatron_m6.model import token_losses
 from megatron_m6.parallel import ParallelDims, ParallelState
 from megatron_m6.precision import PARAMS_DTYPES
