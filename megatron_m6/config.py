@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from megatron_m6.data.blending import parse_blend, parse_split
 from megatron_m6.data.indexed import dataset_exists
@@ -20,6 +21,20 @@ from megatron_m6.data.task_spec import TASK_NAMES, min_seq_length
 
 class ConfigError(ValueError):
     """An impossible or contradictory configuration; its message is one line for the user."""
+
+
+# The enumerated settings; the command line's choices are read from these. The kernel backends
+# are dispatched in model/attention.py (ATTENTION_BACKENDS) and model/moe.py
+# (MOE_DISPATCH_BACKENDS), which import this module; tests/test_config.py holds them equal.
+PositionEmbeddingType = Literal["learned_absolute", "rope"]
+AttentionBackend = Literal["auto", "fused", "sdpa", "flex"]
+MoeDispatchBackend = Literal["auto", "fused", "torch"]
+LrDecayStyle = Literal["cosine", "linear", "constant"]
+ParamsDtype = Literal["float32", "float64"]  # the keys of precision.PARAMS_DTYPES
+Device = Literal["auto", "cpu", "cuda"]
+DataParallelSharding = Literal["replicate", "optimizer", "full"]
+RecomputeGranularity = Literal["selective", "full"]
+PipelineSchedule = Literal["1f1b", "zero_bubble"]
 
 
 @dataclass
@@ -32,7 +47,7 @@ class ModelConfig:
     num_attention_heads: int = 16
     ffn_hidden_size: int = 4096
     max_position_embeddings: int = 512
-    position_embedding_type: str = "learned_absolute"  # or "rope"
+    position_embedding_type: PositionEmbeddingType = "learned_absolute"
     rotary_base: float = 10000.0
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
@@ -55,8 +70,8 @@ class ModelConfig:
     moe_ffn_hidden_size: int | None = None
     # Kernels: how the model computes, not what. "auto": fused Triton kernels on CUDA, PyTorch
     # elsewhere; see megatron_m6/model/attention.py and moe.py.
-    attention_backend: str = "auto"  # auto, fused, sdpa, flex
-    moe_dispatch_backend: str = "auto"  # auto, fused, torch
+    attention_backend: AttentionBackend = "auto"
+    moe_dispatch_backend: MoeDispatchBackend = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -94,7 +109,7 @@ class RunConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
     lr_warmup_iters: int = 0
-    lr_decay_style: str = "cosine"
+    lr_decay_style: LrDecayStyle = "cosine"
     lr_decay_iters: int | None = None
     weight_decay: float = 0.01
     clip_grad: float = 1.0
@@ -102,7 +117,7 @@ class RunConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     bf16: bool = False
-    params_dtype: str = "float32"  # float64: reference precision, for checking layouts
+    params_dtype: ParamsDtype = "float32"  # float64: reference precision, for checking layouts
     seed: int = 1234
     # Data.
     data_path: list[str] | None = None  # Megatron's: PREFIX, or W1 PREFIX1 W2 PREFIX2 ...
@@ -124,17 +139,17 @@ class RunConfig:
     eval_iters: int = 10
     log_interval: int = 10
     tensorboard_dir: str | None = None
-    device: str = "auto"
+    device: Device = "auto"
     # Parallelism: data parallel is what remains of the world size (see megatron_m6/parallel).
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
-    data_parallel_sharding: str = "replicate"  # replicate | optimizer (ZeRO-2-like) | full (FSDP)
+    data_parallel_sharding: DataParallelSharding = "replicate"  # optimizer: ZeRO-2-like; full: FSDP
     overlap_grad_reduce: bool = False
-    recompute_granularity: str | None = None  # selective | full
+    recompute_granularity: RecomputeGranularity | None = None
     num_layers_per_virtual_pipeline_stage: int | None = None
-    pipeline_schedule: str = "1f1b"  # 1f1b (interleaved with virtual stages) | zero_bubble
+    pipeline_schedule: PipelineSchedule = "1f1b"  # interleaved with virtual stages
     distributed_timeout_minutes: float = 10.0  # a collective that waits longer fails (and dumps a trace)
     # Dry run: build one rank's real layout of a `world_size` job on the meta device, check it, exit.
     dry_run: bool = False
@@ -177,51 +192,104 @@ PRESETS: dict[str, dict] = {
 }
 
 def build_parser() -> argparse.ArgumentParser:
+    """Megatron-LM's flag names; every flag defaults to None, so `config_from_args` can tell what
+    was given from what the preset and the dataclasses supply."""
     p = argparse.ArgumentParser(
         description="Pretrain M6 (Megatron-style flags).", allow_abbrev=False)
-    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from a preset's model and sequence length; flags given override "
+                        "it, but may not contradict its architecture")
     g = p.add_argument_group("model")
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                 "max_position_embeddings", "vocab_size", "image_size", "resnet_width",
-                 "num_experts", "moe_layer_freq", "moe_router_topk", "moe_expert_prototypes",
-                 "moe_ffn_hidden_size"):
-        g.add_argument("--" + name.replace("_", "-"), type=int)
-    for name in ("hidden_dropout", "attention_dropout", "init_method_std", "moe_aux_loss_coeff",
-                 "moe_z_loss_coeff", "rotary_base"):
-        g.add_argument("--" + name.replace("_", "-"), type=float)
-    g.add_argument("--resnet-layers", type=str, help="blocks per stage, e.g. 3,4,6,3")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--num-layers", type=int, help="transformer blocks")
+    g.add_argument("--hidden-size", type=int, help="width of the residual stream")
+    g.add_argument("--num-attention-heads", type=int, help="attention heads (must divide --hidden-size)")
+    g.add_argument("--ffn-hidden-size", type=int, help="inner width of the MLP")
+    g.add_argument("--max-position-embeddings", type=int,
+                   help="learned positions (default: at least --seq-length)")
+    g.add_argument("--vocab-size", type=int,
+                   help="embedding rows with --mock-data (real data takes the --vocab-file's size, "
+                        "padded to a multiple of 128)")
+    g.add_argument("--position-embedding-type", choices=get_args(PositionEmbeddingType),
+                   help="learned_absolute (the paper's) or rope")
+    g.add_argument("--rotary-base", type=float, help="base of the rotary frequencies (with rope)")
+    g.add_argument("--init-method-std", type=float, help="std of the normal weight initialisation")
+    g.add_argument("--hidden-dropout", type=float, help="dropout on the embeddings and each block's residual branches")
+    g.add_argument("--attention-dropout", type=float, help="dropout on the attention probabilities")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
+                   help="an LM head of its own instead of the token embedding's")
+    g.add_argument("--image-size", type=int,
+                   help="side of the square input image in pixels; every 32 px is a row of image tokens")
+    g.add_argument("--resnet-layers", type=str, help="blocks per ResNet stage, e.g. 3,4,6,3 (ResNet-50)")
+    g.add_argument("--resnet-bottleneck", action=argparse.BooleanOptionalAction, default=None,
+                   help="bottleneck blocks as in ResNet-50 (the default), or basic blocks "
+                        "(--no-resnet-bottleneck, as in m6-tiny)")
+    g.add_argument("--resnet-width", type=int, help="channels of the first ResNet stage (64 in ResNet-50)")
+    g.add_argument("--num-experts", type=int, help="experts per MoE layer (0, the default: dense)")
+    g.add_argument("--moe-layer-freq", type=int, help="every N-th block's MLP is an MoE layer")
+    g.add_argument("--moe-router-topk", type=int, help="experts each token is routed to")
+    g.add_argument("--moe-expert-prototypes", type=int,
+                   help="k groups of experts with top-1 routing in each (M6-T); 1 disables")
+    g.add_argument("--moe-ffn-hidden-size", type=int, help="inner width of an expert (default --ffn-hidden-size)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, help="weight of the load-balancing loss")
+    g.add_argument("--moe-z-loss-coeff", type=float, help="weight of the router z-loss (0 disables)")
     g.add_argument("--moe-capacity-factor", type=float,
                    help="expert capacity as a multiple of the even share; omit for dropless")
     g.add_argument("--moe-dropless", action="store_true", default=None,
                    help="no capacity limit (overrides a preset's capacity factor)")
-    g.add_argument("--attention-backend", choices=["auto", "fused", "sdpa", "flex"],
+    g.add_argument("--attention-backend", choices=get_args(AttentionBackend),
                    help="auto: the fused Triton kernel for bf16/fp16 on CUDA, else sdpa")
-    g.add_argument("--moe-dispatch-backend", choices=["auto", "fused", "torch"],
+    g.add_argument("--moe-dispatch-backend", choices=get_args(MoeDispatchBackend),
                    help="auto: fused Triton gating/permute/unpermute on CUDA, else torch")
     g = p.add_argument_group("training")
-    for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
-                 "lr_warmup_iters", "lr_decay_iters", "seed", "save_interval", "exit_interval", "eval_interval",
-                 "eval_iters", "log_interval", "num_workers"):
-        g.add_argument("--" + name.replace("_", "-"), type=int)
-    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2",
-                 "adam_eps"):
-        g.add_argument("--" + name.replace("_", "-"), type=float)
-    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"])
-    g.add_argument("--bf16", action="store_true", default=None)
-    g.add_argument("--params-dtype", choices=["float32", "float64"],
+    g.add_argument("--seq-length", type=int, help="tokens per sample, image tokens included")
+    g.add_argument("--micro-batch-size", type=int, help="samples per forward and backward on one rank")
+    g.add_argument("--global-batch-size", type=int,
+                   help="samples per optimizer step over all data-parallel ranks (the rest is "
+                        "gradient accumulation)")
+    g.add_argument("--train-iters", type=int, help="optimizer steps")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, help="learning rate at the end of the decay")
+    g.add_argument("--lr-warmup-iters", type=int, help="steps of linear warm-up to --lr")
+    g.add_argument("--lr-decay-style", choices=get_args(LrDecayStyle), help="decay after the warm-up")
+    g.add_argument("--lr-decay-iters", type=int, help="steps until --min-lr is reached (default --train-iters)")
+    g.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay")
+    g.add_argument("--clip-grad", type=float, help="largest global gradient norm")
+    g.add_argument("--adam-beta1", type=float, help="AdamW's first-moment decay")
+    g.add_argument("--adam-beta2", type=float, help="AdamW's second-moment decay")
+    g.add_argument("--adam-eps", type=float, help="AdamW's epsilon")
+    g.add_argument("--seed", type=int, help="seeds the weights, the data order and dropout")
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 autocast over fp32 master weights (the policy: megatron_m6/precision.py)")
+    g.add_argument("--params-dtype", choices=get_args(ParamsDtype),
                    help="master weights and all arithmetic; float64 is a reference-precision run "
                         "in which every layout reproduces one process to float64 rounding")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", choices=get_args(Device),
+                   help="auto: this rank's GPU when CUDA is available, else the CPU")
+    g.add_argument("--log-interval", type=int, help="steps between log lines")
+    g.add_argument("--eval-interval", type=int,
+                   help="steps between validations on the --split's validation share")
+    g.add_argument("--eval-iters", type=int, help="micro-batches per rank in one validation")
+    g.add_argument("--num-workers", type=int, help="data loader processes per rank (they decode images)")
     g = p.add_argument_group("parallelism")
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "expert_model_parallel_size", "num_layers_per_virtual_pipeline_stage"):
-        g.add_argument("--" + name.replace("_", "-"), type=int)
-    g.add_argument("--sequence-parallel", action="store_true", default=None)
-    g.add_argument("--data-parallel-sharding", choices=["replicate", "optimizer", "full"])
-    g.add_argument("--overlap-grad-reduce", action="store_true", default=None)
-    g.add_argument("--recompute-granularity", choices=["selective", "full"])
+    g.add_argument("--tensor-model-parallel-size", type=int,
+                   help="ranks that split attention, MLP and vocabulary (Megatron's column/row split)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, help="pipeline stages")
+    g.add_argument("--expert-model-parallel-size", type=int,
+                   help="ranks the experts are sharded over, carved out of data parallel")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                   help="layers per virtual stage: several stages per rank, interleaved")
+    g.add_argument("--pipeline-schedule", choices=get_args(PipelineSchedule),
+                   help="1f1b is interleaved 1F1B with --num-layers-per-virtual-pipeline-stage; "
+                        "zero_bubble is the interleaved zero-bubble schedule")
+    g.add_argument("--sequence-parallel", action="store_true", default=None,
+                   help="norms and the residual stream split along the sequence (needs tensor parallel)")
+    g.add_argument("--data-parallel-sharding", choices=get_args(DataParallelSharding),
+                   help="replicate: all-reduce; optimizer: FSDP2 without reshard after forward "
+                        "(ZeRO-2-like); full: FSDP2")
+    g.add_argument("--overlap-grad-reduce", action="store_true", default=None,
+                   help="with replicate: all-reduce gradients in buckets during the backward")
+    g.add_argument("--recompute-granularity", choices=get_args(RecomputeGranularity),
+                   help="recompute in the backward: selective (attention) or full (whole blocks)")
     g.add_argument("--distributed-timeout-minutes", type=float,
                    help="fail a collective that waits longer than this (default 10)")
     g.add_argument("--dry-run", action="store_true", default=None,
@@ -229,9 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "over a fake process group, check it, print its sizes and exit")
     g.add_argument("--world-size", type=int, help="with --dry-run: the job's number of ranks")
     g.add_argument("--rank", type=int, help="with --dry-run: the rank to build")
-    g.add_argument("--pipeline-schedule", choices=["1f1b", "zero_bubble"],
-                   help="1f1b is interleaved 1F1B with --num-layers-per-virtual-pipeline-stage; "
-                        "zero_bubble is the interleaved zero-bubble schedule")
     g = p.add_argument_group("data and checkpoints")
     g.add_argument("--data-path", nargs="+",
                    help="indexed dataset prefix, or W1 PREFIX1 W2 PREFIX2 ... (text and image-text "
@@ -241,18 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true", default=None,
                    help="synthetic batches of the configured shapes")
     g.add_argument("--task-weights", type=str,
-                   help="e.g. text_denoising=1,prefix_lm=1,captioning=2 (default: all equal)")
+                   help=f"e.g. text_denoising=1,prefix_lm=1,captioning=2 (default: all equal); "
+                        f"tasks: {', '.join(TASK_NAMES)}")
+    g.add_argument("--save", type=str, help="folder the checkpoints are written to")
+    g.add_argument("--load", type=str, help="checkpoint folder to resume from")
+    g.add_argument("--save-interval", type=int, help="steps between checkpoints")
+    g.add_argument("--exit-interval", type=int,
+                   help="save and exit 0 at the first iteration that is a multiple of this")
     g.add_argument("--exit-signal-handler", action="store_true", default=None,
                    help="on SIGTERM or SIGUSR1 finish the current step, save and exit 0")
     g.add_argument("--exit-duration-in-mins", type=float,
                    help="save and exit 0 once training has run this many minutes")
-    g.add_argument("--save", type=str)
-    g.add_argument("--load", type=str)
     g.add_argument("--async-save", action="store_true", default=None,
                    help="copy the state to CPU memory and write it in the background")
     g.add_argument("--keep-last", type=int, metavar="N",
                    help="keep only the newest N complete checkpoints under --save")
-    g.add_argument("--tensorboard-dir", type=str)
+    g.add_argument("--tensorboard-dir", type=str, help="folder for TensorBoard event files")
     return p
 
 

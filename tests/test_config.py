@@ -1,9 +1,11 @@
 import subprocess
 import sys
+from typing import get_args
 
 import pytest
 
-from megatron_m6.config import ConfigError, parse_args
+from megatron_m6.config import (AttentionBackend, ConfigError, MoeDispatchBackend, ParamsDtype, build_parser,
+                                parse_args)
 from megatron_m6.model_size import model_size
 
 
@@ -40,6 +42,23 @@ def test_cli_prints_one_error_line_before_any_work():
 def test_preset_then_flags():
     cfg = parse_args(["--mock-data", "--preset", "m6-base", "--lr", "3e-4", "--moe-dropless"])
     assert cfg.model.num_layers == 24 and cfg.model.hidden_size == 1024 and cfg.lr == 3e-4
+    assert parse_args(["--mock-data", "--preset", "m6-tiny", "--resnet-bottleneck"]).model.resnet_bottleneck
+    assert not parse_args(["--mock-data", "--no-resnet-bottleneck"]).model.resnet_bottleneck
+
+
+def test_every_flag_says_what_it_does():
+    assert [a.dest for a in build_parser()._actions if not a.help] == []
+
+
+def test_enumerated_settings_are_the_ones_the_code_dispatches_on():
+    """The command line's choices come from config's Literal types; the modules that dispatch on
+    them name the same values (they import config, so config cannot import their tuples)."""
+    from megatron_m6.model.attention import ATTENTION_BACKENDS
+    from megatron_m6.model.moe import MOE_DISPATCH_BACKENDS
+    from megatron_m6.precision import PARAMS_DTYPES
+    assert get_args(AttentionBackend) == ATTENTION_BACKENDS
+    assert get_args(MoeDispatchBackend) == MOE_DISPATCH_BACKENDS
+    assert get_args(ParamsDtype) == tuple(PARAMS_DTYPES)
 
 
 @pytest.mark.parametrize("preset, total, active", [("m6-10b", 10e9, None), ("m6-100b", 100e9, 1e9)])
