@@ -51,8 +51,7 @@ def full_grads(model: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
 
 
 def train_steps(argv: list[str], steps: int = 3) -> tuple[list[float], list[dict]]:
-    cfg = parse_args(TINY + argv)
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + argv + ["--no-resnet-bottleneck"])
     trainer, loader = setup(cfg, log=lambda line: None)
     batches = iter(loader)
     losses, grads = [], []
@@ -73,8 +72,7 @@ def replica_digests(argv: list[str]) -> list[dict[tuple, str]]:
     """Per rank, after 3 steps: a digest of every piece of every parameter and optimizer state
     it holds, keyed by (name, state, global offset and shape of the piece): ranks holding the
     same piece of a replicated tensor must hold the same bytes."""
-    cfg = parse_args(TINY + argv)
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + argv + ["--no-resnet-bottleneck"])
     trainer, loader = setup(cfg, log=lambda line: None)
     batches = iter(loader)
     for _ in range(3):
@@ -100,8 +98,7 @@ def replica_digests(argv: list[str]) -> list[dict[tuple, str]]:
 
 def history(argv: list[str]) -> list[float]:
     """Global-batch losses of a training run (resuming, saving or exiting as argv says)."""
-    cfg = parse_args(TINY + argv)
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + argv + ["--no-resnet-bottleneck"])
     return run(cfg, log=lambda line: None).history
 
 
@@ -125,8 +122,7 @@ def stop_and_resume(argv: list[str]) -> tuple[list[float], list[float]]:
 def allocated_bytes(argv: list[str]) -> list[dict[str, int]]:
     """Per rank: bytes of the parameters (as held during a step) and of the optimizer state this
     rank holds after one step (local shards only), gathered from every rank."""
-    cfg = parse_args(TINY + argv)
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + argv + ["--no-resnet-bottleneck"])
     trainer, loader = setup(cfg, log=lambda line: None)
     batches = iter(loader)
     trainer.train_step([next(batches) for _ in range(trainer.num_micro_batches)], StepStats())

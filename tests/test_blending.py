@@ -139,8 +139,7 @@ def test_config_and_trainer_read_indexed_data(data, tmp_path):
                       "--ffn-hidden-size", "64", "--seq-length", "24", "--image-size", "64",
                       "--resnet-layers", "1,1,1,1", "--resnet-width", "8", "--micro-batch-size", "2",
                       "--global-batch-size", "4", "--train-iters", "3", "--eval-interval", "3",
-                      "--eval-iters", "1", "--split", "90,10,0"])
-    cfg.model.resnet_bottleneck = False
+                      "--eval-iters", "1", "--split", "90,10,0", "--no-resnet-bottleneck"])
     lines = []
     trainer = run(cfg, log=lines.append)
     assert len(trainer.history) == 3 and all(np.isfinite(trainer.history))

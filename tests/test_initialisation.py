@@ -98,8 +98,7 @@ def measure_setup(argv: list[str]) -> list[dict]:
     after training a step and saving, what a setup with --load draws."""
     save = argv[argv.index("--save") + 1]
     layout = [a for a in argv if a not in ("--save", save)]
-    cfg = parse_args(TINY + layout)
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + layout + ["--no-resnet-bottleneck"])
     recorder = DrawRecorder()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, recorder:
         trainer, _ = setup(cfg, log=lambda line: None)
@@ -123,11 +122,10 @@ def measure_setup(argv: list[str]) -> list[dict]:
     del trainer, model, held
 
     # Train one step and save; then a setup that loads the checkpoint must draw nothing.
-    cfg = parse_args(TINY + layout + ["--train-iters", "1", "--save", save, "--save-interval", "1"])
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + layout + ["--no-resnet-bottleneck", "--train-iters", "1", "--save", save,
+                                      "--save-interval", "1"])
     trained = {n: p.full_tensor() for n, p in run(cfg, log=lambda line: None).model.named_parameters()}
-    cfg = parse_args(TINY + layout + ["--load", save])
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + layout + ["--no-resnet-bottleneck", "--load", save])
     recorder = DrawRecorder()
     with recorder:
         loaded, _ = setup(cfg, log=lambda line: None)

@@ -30,8 +30,7 @@ def oracle_step() -> tuple[list[float], list[dict[str, torch.Tensor]]]:
     """(the first step's loss, its gradients), from the initial weights and the global batch,
     computed by hand: the objective is sum(ce * mask) / sum(mask) over the whole global batch
     plus the mean of the micro-batches' aux losses; the loss reported is its cross-entropy part."""
-    cfg = parse_args(TINY + ORACLE)
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + ORACLE + ["--no-resnet-bottleneck"])
     trainer, loader = setup(cfg, log=lambda line: None)
     model = trainer.model.train()
     batches = iter(loader)

@@ -187,8 +187,7 @@ def test_estimate_matches_what_each_rank_allocates(name, world, argv, layout):
     tp = ["--tensor-model-parallel-size", str(layout["tp"])] if layout.get("tp", 1) > 1 else []
     argv = argv + tp
     per_rank = run_parallel(world, argv, fn=allocated_bytes)
-    cfg = parse_args(TINY + argv)
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + argv + ["--no-resnet-bottleneck"])
     estimate = estimate_rank_memory(cfg.model, Layout(bf16=False, seq_length=cfg.seq_length,
                                                       micro_batch_size=cfg.micro_batch_size, **layout))
     # The estimate is rank 0's (the largest pieces); FSDP pads each parameter's dim-0 shards,

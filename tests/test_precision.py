@@ -27,8 +27,7 @@ def _dtype(t) -> str:
 
 def observed_dtypes(argv: list[str]) -> dict[str, set[str]]:
     """What one bf16 training step computes and hands on, by kind, over every rank."""
-    cfg = parse_args(TINY + ["--bf16"] + argv)
-    cfg.model.resnet_bottleneck = False
+    cfg = parse_args(TINY + ["--bf16", "--no-resnet-bottleneck"] + argv)
     trainer, loader = setup(cfg, log=lambda line: None)
     seen = defaultdict(set)
 

@@ -12,12 +12,11 @@ TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attent
         "--ffn-hidden-size", "64", "--vocab-size", "128", "--seq-length", "24", "--image-size", "64",
         "--resnet-layers", "1,1,1,1", "--resnet-width", "8", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
-        "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+        "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--no-resnet-bottleneck"]
 
 
 def quiet_run(argv, lines=None):
     cfg = parse_args(TINY + argv)
-    cfg.model.resnet_bottleneck = False
     return run(cfg, log=(lines.append if lines is not None else lambda s: None))
 
 
@@ -97,9 +96,7 @@ def test_missing_or_corrupt_checkpoints_fail_clearly(tmp_path):
 
 def test_loading_into_a_different_model_is_refused(tmp_path):
     quiet_run(["--train-iters", "1", "--save", str(tmp_path)])
-    cfg = parse_args(TINY + ["--train-iters", "2", "--load", str(tmp_path)])
-    cfg.model.resnet_bottleneck = False
-    cfg.model.num_layers = 3
+    cfg = parse_args(TINY + ["--train-iters", "2", "--load", str(tmp_path), "--num-layers", "3"])
     with pytest.raises(CheckpointError, match="num_layers"):
         run(cfg, log=lambda s: None)
 
