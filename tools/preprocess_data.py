@@ -21,11 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from megatron_m6.data.cleaning import CleaningConfig  # noqa: E402
 from megatron_m6.data.preprocess import PreprocessConfig, format_report, preprocess  # noqa: E402
-from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE  # noqa: E402
 
-# M6's tokenizer is BERT's lower-cased WordPiece with every CJK character split out, so Megatron's
-# name for that tokenizer is accepted as an alias.
+# M6 has one tokenizer, BERT's lower-cased WordPiece with every CJK character split out; Megatron
+# command lines name it BertWordPieceLowerCase, so both names are accepted and any other refused.
 TOKENIZER_TYPES = ("M6Tokenizer", "BertWordPieceLowerCase")
+# The flags' defaults are the dataclasses'.
+DEFAULTS = PreprocessConfig(inputs=[], output_prefix="")
+CLEANING = DEFAULTS.cleaning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,21 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jsonl files, globs or folders (their *.jsonl/*.json)")
     g.add_argument("--output-prefix", required=True,
                    help="outputs are PREFIX_KEY_{document,sentence,image}.{bin,idx}")
-    g.add_argument("--json-keys", nargs="+", default=["text"],
+    g.add_argument("--json-keys", nargs="+", default=DEFAULTS.json_keys,
                    help="text fields, one output each (the caption field with --image-key)")
     g.add_argument("--split-sentences", action="store_true",
                    help="one item per sentence (Chinese by punctuation, Latin by nltk Punkt)")
     g.add_argument("--append-eod", action="store_true", help="end every document with [EOS]")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="M6Tokenizer")
-    g.add_argument("--vocab-file", default=DEFAULT_VOCAB_FILE,
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=TOKENIZER_TYPES[0],
+                   help="accepted for Megatron command lines; both names mean M6's tokenizer, the "
+                        "only one")
+    g.add_argument("--vocab-file", default=DEFAULTS.vocab_file,
                    help="vocab.txt (default: the vocabulary shipped with megatron_m6)")
     g = p.add_argument_group("cleaning (text)")
-    g.add_argument("--min-chars", type=int, default=10)
-    g.add_argument("--max-chars", type=int, default=100_000)
-    g.add_argument("--min-chinese-ratio", type=float, default=0.3,
+    g.add_argument("--min-chars", type=int, default=CLEANING.min_chars,
+                   help="drop shorter documents (characters after normalisation)")
+    g.add_argument("--max-chars", type=int, default=CLEANING.max_chars, help="drop longer documents")
+    g.add_argument("--min-chinese-ratio", type=float, default=CLEANING.min_chinese_ratio,
                    help="drop documents where CJK characters are fewer than this share of letters")
-    g.add_argument("--max-garbled-ratio", type=float, default=0.01)
+    g.add_argument("--max-garbled-ratio", type=float, default=CLEANING.max_garbled_ratio,
+                   help="drop documents with more replacement, control or private-use characters")
     g.add_argument("--traditional-to-simplified", action="store_true",
                    help="convert with OpenCC (t2s) before every other rule")
     g.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
@@ -57,34 +63,36 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("image-text pairs")
     g.add_argument("--image-key", help="field with the image: a path relative to the jsonl, or "
                                        "base64; makes one multimodal output of [caption, image]")
-    g.add_argument("--image-size", type=int, default=224, help="resize and centre-crop to this")
-    g.add_argument("--jpeg-quality", type=int, default=90)
-    g.add_argument("--min-image-size", type=int, default=64, help="skip smaller images (px)")
-    g.add_argument("--max-aspect-ratio", type=float, default=3.0, help="skip more elongated images")
+    g.add_argument("--image-size", type=int, default=DEFAULTS.image_size,
+                   help="resize and centre-crop to this")
+    g.add_argument("--jpeg-quality", type=int, default=DEFAULTS.jpeg_quality,
+                   help="quality of the re-encoded JPEG (1-100)")
+    g.add_argument("--min-image-size", type=int, default=DEFAULTS.min_image_size,
+                   help="skip smaller images (px)")
+    g.add_argument("--max-aspect-ratio", type=float, default=DEFAULTS.max_aspect_ratio,
+                   help="skip more elongated images")
     g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="processes that clean and tokenise")
-    g.add_argument("--partitions", type=int, default=1,
+    g.add_argument("--workers", type=int, default=DEFAULTS.workers,
+                   help="processes that clean and tokenise")
+    g.add_argument("--partitions", type=int, default=DEFAULTS.partitions,
                    help="independent writers, each with workers/partitions workers, merged at "
                         "the end (deduplication is then within a partition)")
-    g.add_argument("--log-interval", type=int, default=1000,
+    g.add_argument("--log-interval", type=int, default=DEFAULTS.log_interval,
                    help="documents between progress rate updates")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = build_parser()
-    a = p.parse_args(argv)
-    if not 1 <= a.jpeg_quality <= 100 or a.image_size < 8 or a.workers < 1 or a.partitions < 1:
-        p.error("need 1 <= --jpeg-quality <= 100, --image-size >= 8, --workers >= 1, --partitions >= 1")
-    if a.image_key and len(a.json_keys) != 1:
-        p.error("with --image-key, --json-keys names one field: the caption")
+    a = build_parser().parse_args(argv)
     cfg = PreprocessConfig(
         inputs=a.input, output_prefix=a.output_prefix, json_keys=a.json_keys,
         vocab_file=a.vocab_file, append_eod=a.append_eod, split_sentences=a.split_sentences,
         workers=a.workers, partitions=a.partitions, log_interval=a.log_interval,
-        cleaning=CleaningConfig(a.min_chars, a.max_chars, a.min_chinese_ratio,
-                                a.max_garbled_ratio, a.traditional_to_simplified),
+        cleaning=CleaningConfig(min_chars=a.min_chars, max_chars=a.max_chars,
+                                min_chinese_ratio=a.min_chinese_ratio,
+                                max_garbled_ratio=a.max_garbled_ratio,
+                                traditional_to_simplified=a.traditional_to_simplified),
         exact_dedup=not a.no_dedup, near_dedup=not a.no_near_dedup, image_key=a.image_key,
         image_size=a.image_size, jpeg_quality=a.jpeg_quality, min_image_size=a.min_image_size,
         max_aspect_ratio=a.max_aspect_ratio, progress=not a.no_progress)

@@ -397,8 +397,10 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
     """Build the output datasets of cfg; returns the counts for the report."""
     if cfg.workers < 1 or cfg.partitions < 1:
         raise ValueError("--workers and --partitions must be at least 1")
+    if not 1 <= cfg.jpeg_quality <= 100 or cfg.image_size < 8:
+        raise ValueError("need 1 <= --jpeg-quality <= 100 and --image-size >= 8")
     if cfg.image_key and len(cfg.json_keys) != 1:
-        raise ValueError("image-text pairs take one --json-keys entry, the caption")
+        raise ValueError("with --image-key, --json-keys names one field: the caption")
     M6Tokenizer.from_vocab_file(cfg.vocab_file)  # fail now, not in every worker
     files = expand_inputs(cfg.inputs)
     empty = [f for f in files if os.path.getsize(f) == 0]
