@@ -1,5 +1,7 @@
 # Quick start: `make demo` and `make test` do all the set-up themselves on a fresh machine.
 PYTHON ?= python3
+# The torch installed when none is present: the floor that pyproject.toml and requirements.txt
+# state (torch>=2.13, MIN_TORCH in megatron_m6/__init__.py), pinned to one release.
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
