@@ -36,6 +36,7 @@ from megatron_m6.parallel import destroy_process_mesh, init_process_mesh, parall
 from megatron_m6.parallel.memory import (Layout, RankCoordinates, RankMemory, RankParams, count_params,
                                          estimate_rank_memory, rank_coordinates, rank_param_counts,
                                          rank_param_shapes)
+from megatron_m6.parallel.recompute import plain_parameter_name
 from megatron_m6.pretrain import build_layout, load_tokenizer
 
 DP_MESH_DIMS = ("dp", "edp")  # the mesh dimensions data-parallel sharding (FSDP) splits over
@@ -59,23 +60,23 @@ class DryRunReport:
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        l, c = self.layout, self.coords
+        layout, coords, memory = self.layout, self.coords, self.memory
         gib = lambda n: f"{n / 2**30:.2f} GiB"
         pair = lambda got, want: (f"dense {got.dense:,} (memory model {want.dense:,}), "
                                   f"expert {got.expert:,} (memory model {want.expert:,})")
-        m = self.memory
         return [
-            f"dry run: rank {self.rank} of {l.tp * l.pp * l.dp}, layout TP{l.tp} PP{l.pp} EP{l.ep} "
-            f"DP{l.dp} (expert-data-parallel {l.dp // l.ep}), sharding {l.data_parallel_sharding}; "
-            f"coordinates pp {c.pp}, dp {c.dp(l)} (edp {c.edp}, ep {c.ep}), tp {c.tp}",
+            f"dry run: rank {self.rank} of {layout.tp * layout.pp * layout.dp}, layout TP{layout.tp} "
+            f"PP{layout.pp} EP{layout.ep} DP{layout.dp} (expert-data-parallel {layout.dp // layout.ep}), "
+            f"sharding {layout.data_parallel_sharding}; coordinates pp {coords.pp}, dp {coords.dp(layout)} "
+            f"(edp {coords.edp}, ep {coords.ep}), tp {coords.tp}",
             f"dry run: {self.num_params} parameters, every local shape as the layout implies "
             f"(memory model rules and DTensor agree); all on the meta device",
             f"dry run: parameters before data-parallel sharding: {pair(self.counted, self.expected)}",
             f"dry run: parameters this rank holds: {pair(self.counted_shard, self.expected_shard)}",
-            f"dry run: memory model per GPU ({'bf16' if l.bf16 else 'fp32'}, micro-batch "
-            f"{l.micro_batch_size} x {l.seq_length}): params {gib(m.params)}, grads {gib(m.grads)}, "
-            f"optimizer {gib(m.optimizer)}, activations {gib(m.activations)} (estimate), "
-            f"total {gib(m.total)}",
+            f"dry run: memory model per GPU ({'bf16' if layout.bf16 else 'fp32'}, micro-batch "
+            f"{layout.micro_batch_size} x {layout.seq_length}): params {gib(memory.params)}, "
+            f"grads {gib(memory.grads)}, optimizer {gib(memory.optimizer)}, "
+            f"activations {gib(memory.activations)} (estimate), total {gib(memory.total)}",
             f"dry run: done in {self.seconds:.1f} s, no real memory allocated",
         ]
 
@@ -124,7 +125,7 @@ def mesh_coordinates(mesh: DeviceMesh | None) -> RankCoordinates:
 def layout_name(name: str, tied: bool) -> str:
     """A parameter's name in M6, as the memory model lists it: no recomputation wrapper, and a
     tied head (its own copy on the last pipeline stage) under the embedding's name."""
-    name = name.replace("_checkpoint_wrapped_module.", "")
+    name = plain_parameter_name(name)
     return "embedding.word_emb.weight" if tied and name == "lm_head.weight" else name
 
 

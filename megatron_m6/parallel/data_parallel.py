@@ -20,11 +20,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from megatron_m6.model.moe import MoEMLP
+from megatron_m6.parallel.dtensor import local_tensor
 from megatron_m6.parallel.expert_parallel import is_expert_param
 from megatron_m6.precision import LayerNorm, reduce_dtype
+
+FP32_BYTES = 4  # bucket sizes are counted in fp32, the dtype gradients are reduced in
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh,
@@ -57,10 +59,6 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh,
     model.set_reduce_scatter_unused_params(True)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class GradAllReduce:
     """Plain data parallel: average every gradient over the DP group, in fp32 buckets.
 
@@ -80,12 +78,13 @@ class GradAllReduce:
         filled = 0  # fp32 bytes in the last bucket
         for p in reversed([p for p in model.parameters() if p.requires_grad]):
             group = edp_group if is_expert_param(p) else dp_group
-            if not self.buckets or filled + 4 * p.numel() > bucket_bytes or self.groups[-1] is not group:
+            nbytes = FP32_BYTES * p.numel()
+            if not self.buckets or filled + nbytes > bucket_bytes or self.groups[-1] is not group:
                 self.buckets.append([])
                 self.groups.append(group)
                 filled = 0
             self.buckets[-1].append(p)
-            filled += 4 * p.numel()
+            filled += nbytes
         self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
         self.ready = [0] * len(self.buckets)
         self.next_bucket = 0
@@ -107,7 +106,7 @@ class GradAllReduce:
         for p in self.buckets[index]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [_local(p.grad) for p in self.buckets[index]]
+        grads = [local_tensor(p.grad) for p in self.buckets[index]]
         flat = torch.cat([g.reshape(-1).to(reduce_dtype(g.dtype)) for g in grads])
         self.pending.append((index, flat, dist.all_reduce(flat, group=self.groups[index], async_op=True)))
         self.next_bucket = index + 1
@@ -121,7 +120,7 @@ class GradAllReduce:
             self._launch(self.next_bucket)
         for index, flat, work in self.pending:
             work.wait()
-            grads = [_local(p.grad) for p in self.buckets[index]]
+            grads = [local_tensor(p.grad) for p in self.buckets[index]]
             for g, chunk in zip(grads, flat.div_(self.size).split([g.numel() for g in grads])):
                 g.copy_(chunk.view_as(g))
         self.pending.clear()

@@ -1,7 +1,8 @@
 """Apply a layout to a built model, and the few collective steps the trainer needs.
 
 `parallelize()` composes the plans in Megatron's order on each pipeline stage (or the whole
-model): tensor/sequence parallel, expert parallel, activation recomputation, then data parallel. The returned `ParallelState` is all the trainer knows about
+model): tensor/sequence parallel, expert parallel, activation recomputation, then data parallel.
+The returned `ParallelState` is all the trainer knows about
 parallelism; for one process every method is a no-op, so single-process and parallel training
 run the same code.
 """
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
@@ -24,9 +24,11 @@ from torch.distributed.tensor.parallel import loss_parallel
 from megatron_m6.config import RunConfig
 from megatron_m6.model import materialize
 from megatron_m6.parallel.data_parallel import GradAllReduce, apply_fsdp
+from megatron_m6.parallel.dtensor import local_tensor
 from megatron_m6.parallel.expert_parallel import apply_expert_parallel, is_expert_param
 from megatron_m6.parallel.mesh import ParallelDims
 from megatron_m6.parallel.pipeline_parallel import PipelineRunner, tied_embedding_group
+from megatron_m6.parallel.recompute import apply_recomputation
 from megatron_m6.parallel.tensor_parallel import apply_tensor_parallel
 from megatron_m6.precision import reduce_dtype
 
@@ -84,8 +86,7 @@ class ParallelState:
                 if p.grad is not None and is_expert_param(p):
                     p.grad.div_(self.dims.ep)
         if self.tied_group is not None:  # the tied weight's gradient: embedding + head parts
-            grad = self.tied_weight.grad
-            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tied_group)
+            dist.all_reduce(local_tensor(self.tied_weight.grad), group=self.tied_group)
 
     def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         """Global gradient norm over every rank's shards, then clip. Each rank sums the squares
@@ -136,11 +137,7 @@ def parallelize(parts: list[nn.Module], cfg: RunConfig, dims: ParallelDims, mesh
         if dims.ep > 1:
             apply_expert_parallel(part, mesh["ep"])
         if cfg.recompute_granularity:
-            for name, block in list(part.layers.items()):
-                if cfg.recompute_granularity == "full":
-                    part.layers[name] = checkpoint_wrapper(block)
-                else:  # selective: recompute attention, keep the MLP's activations
-                    block.attn = checkpoint_wrapper(block.attn)
+            apply_recomputation(part, cfg.recompute_granularity)
     if dims.dp > 1 and cfg.data_parallel_sharding != "replicate":
         for part in parts:
             apply_fsdp(part, mesh["dp"], mesh["edp"], cfg.data_parallel_sharding == "full", cfg.bf16)
