@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from megatron_m6.config import ModelConfig
+from megatron_m6.parallel.recompute import plain_parameter_name
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -117,7 +118,7 @@ def _with_stage_index(model: nn.Module, state: dict) -> dict:
     index = {}
     for i, part in enumerate(model):
         for name, _ in part.named_parameters():
-            index[name.replace("_checkpoint_wrapped_module.", "")] = i
+            index[plain_parameter_name(name)] = i
     out = {}
     for k, v in state.items():
         kind, rest = k.split(".", 1)
