@@ -4,8 +4,7 @@ from typing import get_args
 
 import pytest
 
-from megatron_m6.config import (AttentionBackend, ConfigError, MoeDispatchBackend, ParamsDtype, build_parser,
-                                parse_args)
+from megatron_m6.config import AttentionBackend, ConfigError, MoeDispatchBackend, ParamsDtype, build_parser, parse_args
 from megatron_m6.model_size import model_size
 
 

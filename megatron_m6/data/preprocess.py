@@ -168,16 +168,41 @@ def read_lines(chunk: Chunk) -> list[bytes]:
 
 
 # -- workers ------------------------------------------------------------------------------------
-_W: dict = {}
+@dataclass
+class WorkerState:
+    """What each pool process builds once (`_init_worker`) and reads for every chunk."""
+
+    cfg: PreprocessConfig
+    tok: M6Tokenizer
+    text_cleaner: Cleaner
+    caption_cleaner: Cleaner  # the text rules, but a caption may be short and not Chinese
+
+
+_worker: WorkerState | None = None  # this pool process's state
 
 
 def _init_worker(cfg: PreprocessConfig) -> None:
     """Per worker: one tokenizer thread (workers are the parallelism) and the cleaners."""
+    global _worker
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     caption_rules = replace(cfg.cleaning, min_chars=1, min_chinese_ratio=0.0)
-    _W.update(cfg=cfg, tok=M6Tokenizer.from_vocab_file(cfg.vocab_file),
-              text=Cleaner(cfg.cleaning), caption=Cleaner(caption_rules))
+    _worker = WorkerState(cfg, M6Tokenizer.from_vocab_file(cfg.vocab_file), Cleaner(cfg.cleaning),
+                          Cleaner(caption_rules))
+
+
+class SkipRecorder:
+    """What a chunk processor skipped: a count per reason and the first few (reason, line within
+    the chunk, detail) of each, for the log."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.examples: list[tuple[str, int, str]] = []
+
+    def __call__(self, reason: str, line: int, detail: str) -> None:
+        self.counts[reason] += 1
+        if self.counts[reason] <= EXAMPLES_PER_REASON:
+            self.examples.append((reason, line, detail))
 
 
 def _parse(raw: bytes) -> tuple[dict | None, str | None, str]:
@@ -195,11 +220,12 @@ def _parse(raw: bytes) -> tuple[dict | None, str | None, str]:
     return obj, None, ""
 
 
-def _tokenize(sentences: list[str], doc_sizes: list[int], append_eod: bool,
-              eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _tokenize(sentences: list[str], doc_sizes: list[int],
+              append_eod: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Tokens of every sentence; returns (tokens, item lengths, items per doc, docs kept mask).
     Empty sentences are dropped, and documents left without tokens are not kept."""
-    ids = _W["tok"].encode_batch(sentences)
+    tok = _worker.tok
+    ids = tok.encode_batch(sentences)
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     doc_of = np.repeat(np.arange(len(doc_sizes)), doc_sizes)
     nonempty = lengths > 0
@@ -209,7 +235,7 @@ def _tokenize(sentences: list[str], doc_sizes: list[int], append_eod: bool,
         last = np.cumsum(doc_items)[keep_doc] - 1  # index among the non-empty items
         kept_ids = [x for x, ok in zip(ids, nonempty) if ok]
         for i in last.tolist():
-            kept_ids[i] = np.append(kept_ids[i], np.int32(eos_id))
+            kept_ids[i] = np.append(kept_ids[i], np.int32(tok.eos_id))
         ids = kept_ids
     else:
         ids = [x for x, ok in zip(ids, nonempty) if ok]
@@ -218,15 +244,9 @@ def _tokenize(sentences: list[str], doc_sizes: list[int], append_eod: bool,
 
 
 def process_text_chunk(chunk: Chunk) -> ChunkResult:
-    cfg, cleaner = _W["cfg"], _W["text"]
+    cfg, cleaner = _worker.cfg, _worker.text_cleaner
     lines = read_lines(chunk)
-    skipped, examples = Counter(), []
-
-    def skip(reason: str, line: int, detail: str) -> None:
-        skipped[reason] += 1
-        if skipped[reason] <= EXAMPLES_PER_REASON:
-            examples.append((reason, line, detail))
-
+    skip = SkipRecorder()
     docs: dict[str, list] = {k: [] for k in cfg.json_keys}  # (line, text)
     for n, raw in enumerate(lines):
         if not raw.strip():
@@ -250,8 +270,7 @@ def process_text_chunk(chunk: Chunk) -> ChunkResult:
         texts = [t for _, t in kept]
         parts = [split_sentences(t) for t in texts] if cfg.split_sentences else [[t] for t in texts]
         tokens, item_lengths, doc_items, keep = _tokenize(
-            [s for p in parts for s in p], [len(p) for p in parts], cfg.append_eod,
-            _W["tok"].eos_id)
+            [s for p in parts for s in p], [len(p) for p in parts], cfg.append_eod)
         for (n, t), ok in zip(kept, keep):
             if not ok:
                 skip(EMPTY_TEXT, n, repr(t[:40]))
@@ -260,49 +279,57 @@ def process_text_chunk(chunk: Chunk) -> ChunkResult:
                               [n for (n, _), ok in zip(kept, keep) if ok],
                               [digest(t) for t in texts],
                               minhash(texts) if cfg.near_dedup else None)
-    return ChunkResult(chunk.path, len(lines), chunk.end - chunk.start, outputs, skipped, examples)
+    return ChunkResult(chunk.path, len(lines), chunk.end - chunk.start, outputs, skip.counts,
+                       skip.examples)
+
+
+def _image_pair(obj: dict, base_dir: str) -> tuple[tuple[str, bytes] | None, str | None, str]:
+    """((cleaned caption, JPEG), None, "") for one parsed line, or (None, reason, detail)."""
+    cfg = _worker.cfg
+    key = cfg.json_keys[0]
+    caption, image = obj.get(key), obj.get(cfg.image_key)
+    if not isinstance(caption, str) or not isinstance(image, str):
+        return None, MISSING_KEY, f"needs string {key!r} and {cfg.image_key!r}"
+    cleaned, reason = _worker.caption_cleaner.clean(caption)
+    if cleaned is None:
+        return None, reason, repr(caption[:40])
+    data, reason = load_image_bytes(image, base_dir)
+    if data is None:
+        return None, reason, image[:60]
+    jpeg, reason = prepare_image(data, cfg.image_size, cfg.jpeg_quality, cfg.min_image_size,
+                                 cfg.max_aspect_ratio)
+    if jpeg is None:
+        return None, reason, image[:60]
+    return (cleaned, jpeg), None, ""
 
 
 def process_image_chunk(chunk: Chunk) -> ChunkResult:
-    cfg, cleaner = _W["cfg"], _W["caption"]
-    key, base_dir = cfg.json_keys[0], os.path.dirname(os.path.abspath(chunk.path))
+    cfg = _worker.cfg
+    base_dir = os.path.dirname(os.path.abspath(chunk.path))
     lines = read_lines(chunk)
-    skipped, examples = Counter(), []
+    skip = SkipRecorder()
     captions, images, line_of = [], [], []
     for n, raw in enumerate(lines):
         if not raw.strip():
             continue
         obj, reason, detail = _parse(raw)
-        if obj is None:
-            pass
-        elif not isinstance(obj.get(key), str) or not isinstance(obj.get(cfg.image_key), str):
-            reason, detail = MISSING_KEY, f"needs string {key!r} and {cfg.image_key!r}"
-        else:
-            caption, reason = cleaner.clean(obj[key])
-            detail = repr(obj[key][:40])
-            if caption is not None:
-                data, reason = load_image_bytes(obj[cfg.image_key], base_dir)
-                detail = obj[cfg.image_key][:60]
-                if data is not None:
-                    jpeg, reason = prepare_image(data, cfg.image_size, cfg.jpeg_quality,
-                                                 cfg.min_image_size, cfg.max_aspect_ratio)
-                    if jpeg is not None:
-                        captions.append(caption)
-                        images.append(jpeg)
-                        line_of.append(n)
-                        continue
-        skipped[reason] += 1
-        if skipped[reason] <= EXAMPLES_PER_REASON:
-            examples.append((reason, n, detail))
-    tokens, lengths, doc_items, keep = _tokenize(captions, [1] * len(captions), cfg.append_eod,
-                                                 _W["tok"].eos_id)
-    for n, ok in zip(line_of, keep):
+        pair = None
+        if obj is not None:
+            pair, reason, detail = _image_pair(obj, base_dir)
+        if pair is None:
+            skip(reason, n, detail)
+            continue
+        captions.append(pair[0])
+        images.append(pair[1])
+        line_of.append(n)
+    tokens, lengths, doc_items, keep = _tokenize(captions, [1] * len(captions), cfg.append_eod)
+    for n, caption, ok in zip(line_of, captions, keep):
         if not ok:
-            skipped[EMPTY_TEXT] += 1
+            skip(EMPTY_TEXT, n, repr(caption[:40]))
     out = Output(tokens, lengths, doc_items, [n for n, ok in zip(line_of, keep) if ok],
                  images=[im for im, ok in zip(images, keep) if ok])
-    return ChunkResult(chunk.path, len(lines), chunk.end - chunk.start, {key: out}, skipped,
-                       examples)
+    return ChunkResult(chunk.path, len(lines), chunk.end - chunk.start, {cfg.json_keys[0]: out},
+                       skip.counts, skip.examples)
 
 
 # -- the writer process -------------------------------------------------------------------------
@@ -322,9 +349,69 @@ def _write(writer: IndexedDatasetWriter, out: Output, keep: np.ndarray) -> None:
                          out.doc_items[keep])
 
 
+def _not_duplicates(dedup: Deduplicator, out: Output, stats: Stats) -> np.ndarray:
+    """Which documents of a chunk's output are new (the deduplicator then remembers them); the
+    duplicates are counted as skipped, by reason."""
+    keep = np.ones(len(out.doc_items), dtype=bool)
+    no_bands = np.zeros(1, np.uint64)  # without MinHash keys only exact duplicates are found
+    for j, doc_digest in enumerate(out.digests):
+        reason = (dedup.check(doc_digest, no_bands) if out.minhash is None else
+                  dedup.check(doc_digest, out.minhash[0][j], out.minhash[1][j]))
+        if reason:
+            keep[j] = False
+            stats.skipped[reason] += 1
+    return keep
+
+
+def _count_kept(stats: Stats, name: str, out: Output, keep: np.ndarray) -> None:
+    stats.documents[name] += int(keep.sum())
+    stats.items[name] += int(out.doc_items[keep].sum())
+    stats.tokens[name] += int(np.repeat(keep, out.doc_items) @ out.item_lengths)
+    if out.images:
+        stats.images += int(keep.sum())
+
+
+def _count_skipped(stats: Stats, res: ChunkResult, first_line: int, logged: Counter, log) -> None:
+    """Add a chunk's skips to stats, and log its examples by file and line (1-based: the chunk's
+    first line is `first_line`) while a reason has fewer than EXAMPLES_PER_REASON logged."""
+    for reason, n, detail in res.examples:
+        if logged[reason] < EXAMPLES_PER_REASON:
+            logged[reason] += 1
+            stats.examples.append((reason, res.path, first_line + n, detail))
+            log(f"skipped ({reason}) {res.path}:{first_line + n}: {detail}")
+    stats.skipped.update(res.skipped)
+
+
+class _ProgressBar:
+    """Bytes read so far, with documents, megabytes and images per second refreshed every
+    `log_interval` documents."""
+
+    def __init__(self, total_bytes: int, desc: str, position: int, log_interval: int, enabled: bool,
+                 start: float):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, position=position,
+                        disable=not enabled, file=sys.stderr, mininterval=1.0)
+        self.log_interval, self.start, self.last_docs = log_interval, start, 0
+
+    def update(self, num_bytes: int, stats: Stats) -> None:
+        self.bar.update(num_bytes)
+        docs = sum(stats.documents.values())
+        if docs - self.last_docs >= self.log_interval:
+            self.last_docs = docs
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{docs / elapsed:.0f} docs/s, {stats.bytes / elapsed / 1e6:.1f} "
+                                     f"MB/s, {stats.images / elapsed:.0f} images/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, position: int,
                    log=None) -> Stats:
-    """Process chunks with a pool of cfg.workers and write the outputs named with suffix."""
+    """Process chunks with a pool of cfg.workers and write the outputs named with suffix:
+    chunks come back in input order, are deduplicated against everything kept before, written,
+    and counted."""
     from tqdm import tqdm
 
     log = log or (lambda s: tqdm.write(s, file=sys.stderr))
@@ -332,55 +419,29 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
     names = cfg.output_names()
     dedup = {k: Deduplicator(cfg.exact_dedup and not cfg.image_key,
                              cfg.near_dedup and not cfg.image_key) for k in names}
-    line_base: Counter = Counter()
+    lines_before: Counter = Counter()  # per input file: lines in its chunks so far
+    logged: Counter = Counter()  # per reason: examples logged so far
     start = time.perf_counter()
-    bar = tqdm(total=sum(c.end - c.start for c in chunks), unit="B", unit_scale=True,
-               desc=f"part {position}" if suffix else "preprocess", position=position,
-               disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
-    last_log = 0
-    logged: Counter = Counter()
+    bar = _ProgressBar(sum(c.end - c.start for c in chunks), f"part {position}" if suffix else "preprocess",
+                       position, cfg.log_interval, cfg.progress, start)
     work = process_image_chunk if cfg.image_key else process_text_chunk
     dtype = (MULTIMODAL_DTYPE if cfg.image_key
              else token_dtype(M6Tokenizer.from_vocab_file(cfg.vocab_file).vocab_size))
-    no_bands = np.zeros(1, np.uint64)
     with ExitStack() as stack:
         writers = {k: stack.enter_context(IndexedDatasetWriter(name + suffix, dtype,
                                                                bool(cfg.image_key)))
                    for k, name in names.items()}
         pool = stack.enter_context(Pool(cfg.workers, _init_worker, (cfg,)))
         for res in pool.imap(work, chunks):
-            base = line_base[res.path] + 1  # 1-based line numbers
-            line_base[res.path] += res.num_lines
+            _count_skipped(stats, res, lines_before[res.path] + 1, logged, log)
+            lines_before[res.path] += res.num_lines
             stats.lines += res.num_lines
             stats.bytes += res.num_bytes
-            for reason, n, detail in res.examples:
-                if logged[reason] < EXAMPLES_PER_REASON:
-                    logged[reason] += 1
-                    stats.examples.append((reason, res.path, base + n, detail))
-                    log(f"skipped ({reason}) {res.path}:{base + n}: {detail}")
-            stats.skipped.update(res.skipped)
             for key, out in res.outputs.items():
-                keep = np.ones(len(out.doc_items), dtype=bool)
-                for j, key_j in enumerate(out.digests):
-                    reason = (dedup[key].check(key_j, no_bands) if out.minhash is None else
-                              dedup[key].check(key_j, out.minhash[0][j], out.minhash[1][j]))
-                    if reason:
-                        keep[j] = False
-                        stats.skipped[reason] += 1
+                keep = _not_duplicates(dedup[key], out, stats)
                 _write(writers[key], out, keep)
-                name = names[key]
-                stats.documents[name] += int(keep.sum())
-                stats.items[name] += int(out.doc_items[keep].sum())
-                stats.tokens[name] += int(np.repeat(keep, out.doc_items) @ out.item_lengths)
-                if out.images:
-                    stats.images += int(keep.sum())
-            bar.update(res.num_bytes)
-            docs = sum(stats.documents.values())
-            if docs - last_log >= cfg.log_interval:
-                last_log = docs
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{docs / elapsed:.0f} docs/s, {stats.bytes / elapsed / 1e6:.1f} "
-                                    f"MB/s, {stats.images / elapsed:.0f} images/s", refresh=False)
+                _count_kept(stats, names[key], out, keep)
+            bar.update(res.num_bytes, stats)
         pool.close()
         pool.join()
     bar.close()
