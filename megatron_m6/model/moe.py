@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.precision import fp32_or_wider
@@ -36,6 +36,9 @@ except ImportError:  # kernels/ neither installed nor on the path: PyTorch only
     kernel_runtime = None
 
 MOE_DISPATCH_BACKENDS = ("auto", "fused", "torch")
+
+# torch._grouped_mm wants every row of its operands 16-byte aligned: 8 bf16 elements.
+GROUPED_MM_ALIGNMENT = 8
 
 
 @dataclass
@@ -105,6 +108,15 @@ def route(logits: torch.Tensor, cfg: ModelConfig) -> Routing:
     return Routing(token_flat, expert_flat, gate_flat, aux)
 
 
+class ExpertWeights(NamedTuple):
+    """The stacked weights of some experts: [E, hidden, ffn], [E, ffn], [E, ffn, hidden], [E, hidden]."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+
 class GroupedExperts(nn.Module):
     """E GELU MLPs stored as stacked weights [E, ...] so they can be sharded over experts."""
 
@@ -122,18 +134,18 @@ class GroupedExperts(nn.Module):
             return None
         autocast = torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
-        aligned = self.w1.shape[1] % 8 == 0 and self.w1.shape[2] % 8 == 0
+        aligned = self.w1.shape[1] % GROUPED_MM_ALIGNMENT == 0 and self.w1.shape[2] % GROUPED_MM_ALIGNMENT == 0
         if dtype != torch.bfloat16 or not aligned or torch.cuda.get_device_capability(x.device) < (8, 0):
             return None
         return dtype
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
+                weights: ExpertWeights | None = None) -> torch.Tensor:
         """x: [N, hidden], rows grouped by expert in order, `tokens_per_expert[e]` rows each, then
         possibly unused rows (a buffer sized without reading the device); their outputs are
-        never read."""
-        # Under expert parallelism the weights are DTensor shards: compute with this rank's experts.
-        w1, b1, w2, b2 = (p.to_local() if isinstance(p, DTensor) else p
-                          for p in (self.w1, self.b1, self.w2, self.b2))
+        never read. `weights`: the experts to compute with, by default this module's own; expert
+        parallelism's dispatch hands in this rank's shards (megatron_m6/parallel/expert_parallel.py)."""
+        w1, b1, w2, b2 = weights or ExpertWeights(self.w1, self.b1, self.w2, self.b2)
         dtype = self._grouped_mm_dtype(x)
         if dtype is not None:
             # One launch for all experts, and no host sync: offsets stay on the device.
@@ -200,21 +212,21 @@ class MoEMLP(nn.Module):
         return out.reshape(shape), aux
 
     def _forward_torch(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = route(logits, self.cfg)
+        routing = route(logits, self.cfg)
         # Permute: sort assignments by expert so each expert's tokens are contiguous.
-        order = torch.argsort(r.expert_idx, stable=True)
-        token_idx, gate = r.token_idx[order], r.gate[order]
-        counts = torch.bincount(r.expert_idx, minlength=self.cfg.num_experts)
+        order = torch.argsort(routing.expert_idx, stable=True)
+        token_idx, gate = routing.token_idx[order], routing.gate[order]
+        counts = torch.bincount(routing.expert_idx, minlength=self.cfg.num_experts)
         y = self.experts(x[token_idx], counts)
         # Unpermute and combine: each token sums its experts' outputs weighted by the gates.
         out = torch.zeros_like(x).index_add_(0, token_idx, (y * gate[:, None]).to(x.dtype))
-        return out, r.aux_loss
+        return out, routing.aux_loss
 
     def _forward_fused(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from m6_kernels.moe import permute, topk_gating, unpermute
 
-        d = topk_gating(logits, router_topk(self.cfg), self.cfg.moe_expert_prototypes,
-                        expert_capacity(self.cfg, x.shape[0]))
-        y = self.experts(permute(x, d.dest, d.num_rows), d.tokens_per_expert)
-        out = unpermute(y, d.dest, d.gate, x.dtype)
-        return out, aux_loss(d.probs, d.picks_per_expert, d.lse, self.cfg)
+        dispatch = topk_gating(logits, router_topk(self.cfg), self.cfg.moe_expert_prototypes,
+                               expert_capacity(self.cfg, x.shape[0]))
+        y = self.experts(permute(x, dispatch.dest, dispatch.num_rows), dispatch.tokens_per_expert)
+        out = unpermute(y, dispatch.dest, dispatch.gate, x.dtype)
+        return out, aux_loss(dispatch.probs, dispatch.picks_per_expert, dispatch.lse, self.cfg)

@@ -7,7 +7,8 @@ to rank j (uneven splits), regroups what it received from source-major to expert
 runs its local experts, and sends the outputs back in the order they came. Routing, dropping,
 the aux loss and the gate-weighted combine stay on the token's own rank, so they are exactly
 the single-process computation on that rank's micro-batch. Expert weights are DTensors sharded
-over the `ep` mesh dimension, so their names and global shapes do not depend on the layout.
+over the `ep` mesh dimension, so their names and global shapes do not depend on the layout; the
+dispatch hands the experts this rank's shards to compute with.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from megatron_m6.model.moe import MoEMLP
+from megatron_m6.model.moe import ExpertWeights, MoEMLP
 
 
 class AllToAllDispatch:
@@ -45,7 +46,8 @@ class AllToAllDispatch:
             torch.arange(self.num_local, device=rows.device).repeat(self.ep), recv.flatten())
         order = torch.argsort(expert_of_row, stable=True)
         self.state = (order, send_splits, recv_splits)
-        return received[order], recv.sum(0)
+        local = ExpertWeights(*(p.to_local() for p in (module.w1, module.b1, module.w2, module.b2)))
+        return received[order], recv.sum(0), local
 
     def combine(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         order, send_splits, recv_splits = self.state
