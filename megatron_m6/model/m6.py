@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.placement_types import _StridedShard
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.model.attention import attention
@@ -23,7 +24,10 @@ from megatron_m6.model.moe import GroupedExperts, MoEMLP
 from megatron_m6.model.resnet import ResNetFeatures
 from megatron_m6.precision import LayerNorm, fp32_or_wider
 
-IMAGE, SOURCE, TARGET = 0, 1, 2  # modality (segment) ids
+# The segments of a sequence, each with its own modality embedding: image patches, source text,
+# target text. A token's modality id is its segment's index.
+MODALITIES = ("image", "source", "target")
+IMAGE, SOURCE, TARGET = range(len(MODALITIES))
 
 
 class KVCache:
@@ -52,7 +56,10 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, positions, prefix_len, valid_len, cache=None, layer=0, start=0):
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, prefix_len: torch.Tensor,
+                valid_len: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                start: int = 0) -> torch.Tensor:
+        """Only `x` is positional: a tensor-parallel plan prepares it and passes the rest on."""
         B, S, _ = x.shape
         # Heads-major [.., heads, 3, head_dim] layout: splitting qkv's output features over
         # tensor-parallel ranks gives each rank whole heads, so "-1 heads" is the local count.
@@ -71,13 +78,16 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU MLP. forward(x) -> (y, aux loss) like MoEMLP's; a dense MLP's aux loss is zero."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
         self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.fc2(F.gelu(self.fc1(x)))
+        return out, out.new_zeros(())
 
 
 class Block(nn.Module):
@@ -92,11 +102,14 @@ class Block(nn.Module):
         self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer_number) else MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x, positions, prefix_len, valid_len, cache=None, start=0):
-        x = x + self.dropout(self.attn(self.input_norm(x), positions, prefix_len, valid_len,
-                                       cache, self.layer_number - 1, start))
-        out = self.mlp(self.mlp_norm(x))
-        out, aux = out if isinstance(out, tuple) else (out, x.new_zeros(()))
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, prefix_len: torch.Tensor,
+                valid_len: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's output and its MoE auxiliary loss (zero for a dense MLP)."""
+        x = x + self.dropout(self.attn(self.input_norm(x), positions=positions, prefix_len=prefix_len,
+                                       valid_len=valid_len, cache=cache, layer=self.layer_number - 1,
+                                       start=start))
+        out, aux = self.mlp(self.mlp_norm(x))
         return x + self.dropout(out), aux
 
 
@@ -125,16 +138,17 @@ class Embedding(nn.Module):
         self.word_emb = nn.Embedding(cfg.vocab_size, h)
         if cfg.position_embedding_type == "learned_absolute":
             self.pos_emb = nn.Embedding(cfg.max_position_embeddings, h)
-        self.modality_emb = nn.Embedding(3, h)
+        self.modality_emb = nn.Embedding(len(MODALITIES), h)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, tokens, images, has_image, prefix_len, start=0):
-        """Image placeholders (the first P tokens of image samples) get the patch features."""
+        """Image placeholders (the first num_image_tokens tokens of image samples) get the patch
+        features."""
         B, S = tokens.shape
-        P = self.cfg.num_image_tokens
+        num_image = self.cfg.num_image_tokens
         seq = torch.arange(start, start + S, device=tokens.device).expand(B, S)
-        is_image = seq < has_image.long()[:, None] * P
-        positions = text_positions(has_image, S, P, start)
+        is_image = seq < has_image.long()[:, None] * num_image
+        positions = text_positions(has_image, S, num_image, start)
         modality = torch.where(is_image, IMAGE, torch.where(seq < prefix_len[:, None], SOURCE, TARGET))
         x = self.word_emb(tokens) + self.modality_emb(modality)
         if self.cfg.position_embedding_type == "learned_absolute":
@@ -180,38 +194,76 @@ class M6(nn.Module):
         x, positions = self.embedding(tokens, images, has_image, prefix_len, start)
         aux_total = torch.zeros((), dtype=torch.float32, device=tokens.device)
         for layer in self.layers.values():
-            x, aux = layer(x, positions, prefix_len, valid_len, cache, start)
+            x, aux = layer(x, positions=positions, prefix_len=prefix_len, valid_len=valid_len,
+                           cache=cache, start=start)
             aux_total = aux_total + aux
         return self.lm_head(self.final_norm(x)), aux_total
 
 
-def local_indices(p: torch.Tensor) -> list[slice | torch.Tensor]:
-    """For each dimension of `p`, the global indices this rank holds: a slice where they are
-    contiguous (all of them for a plain tensor, and every placement this repository makes), else
-    an index tensor. For a DTensor, they are what its placements give this rank's mesh
-    coordinates (Shard, Replicate, and the _StridedShard FSDP puts over a dimension that tensor
-    or expert parallelism already split). Sharding one dimension does not depend on the others,
-    so each is worked out on its own, by laying out a 1-D index vector like that dimension."""
-    if not isinstance(p, DTensor):
-        return [slice(0, n) for n in p.shape]
-    indices = []
-    for dim, n in enumerate(p.shape):
-        placements = [_on_first_dim(pl) if getattr(pl, "dim", None) == dim else Replicate()
-                      for pl in p.placements]
-        index = torch.arange(n, device=p.device_mesh.device_type)
-        index = distribute_tensor(index, p.device_mesh, placements, src_data_rank=None).to_local().cpu()
-        first = int(index[0]) if len(index) else 0
-        contiguous = torch.equal(index, torch.arange(first, first + len(index)))
-        indices.append(slice(first, first + len(index)) if contiguous else index)
-    return indices
+# Every drawn tensor (or row) has a generator of its own, seeded from the run's seed and the
+# tensor's key alone: seed * INIT_SEED_STRIDE + crc32(key). The stride is a prime above a
+# million, so that consecutive run seeds move every key's generator seed far apart.
+INIT_SEED_STRIDE = 1_000_003
 
 
-def _on_first_dim(pl):
-    """The same sharding of dimension 0 (for the 1-D index vectors of `local_indices`)."""
-    return _StridedShard(0, split_factor=pl.split_factor) if isinstance(pl, _StridedShard) else Shard(0)
+@dataclass(frozen=True)
+class InitRule:
+    """How a parameter's global tensor starts: N(0, `value`), He-normal (fan-out, as torchvision
+    initialises ResNets), or the constant `value`. With `by_row`, each row (index along the first
+    dimension) is drawn from its own generator, keyed "{key}.{row}", so that whoever holds some
+    rows draws only those."""
+
+    kind: Literal["normal", "he", "constant"]
+    value: float = 0.0
+    by_row: bool = False
 
 
-def _take(t: torch.Tensor, indices: list[slice | torch.Tensor]) -> torch.Tensor:
+def init_rules(named_modules: Iterable[tuple[str, nn.Module]],
+               cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor, InitRule]]:
+    """(key, tensor, rule) for every parameter and buffer of `named_modules` (M6's, or a part's
+    under M6's names), each tensor once: a tied head shares the embedding's key.
+
+    GPT-2 style: N(0, std) for linear and embedding weights, N(0, std / sqrt(2 * layers)) for
+    the residual output projections (attn.proj, mlp.fc2, experts.w2), zero biases, unit norms;
+    the ResNet's convolutions He-initialised. Linear and embedding weights and stacked experts
+    [E, ...] are drawn row by row (expert by expert): at m6-100b one w1 is 512 experts x 4 M =
+    8.6 GB, and a rank draws only the rows it holds. Convolutions are drawn whole (He's fan-out
+    needs the whole shape; the largest, ResNet-50's, is 2.4M numbers)."""
+    std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
+    tied = not cfg.untie_embeddings_and_output_weights
+    zeros, ones = InitRule("constant", 0.0), InitRule("constant", 1.0)
+    seen: set[int] = set()
+
+    def rules(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor, InitRule]]:
+        if isinstance(module, nn.Conv2d):
+            yield f"{name}.weight", module.weight, InitRule("he")
+        elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+            yield f"{name}.weight", module.weight, ones
+            yield f"{name}.bias", module.bias, zeros
+            if isinstance(module, nn.BatchNorm2d):  # what reset_running_stats() sets
+                yield f"{name}.running_mean", module.running_mean, zeros
+                yield f"{name}.running_var", module.running_var, ones
+                yield f"{name}.num_batches_tracked", module.num_batches_tracked, zeros
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            residual = name.endswith(("attn.proj", "mlp.fc2"))
+            key = "embedding.word_emb" if tied and name.endswith("lm_head") else name
+            yield f"{key}.weight", module.weight, InitRule("normal", out_std if residual else std, by_row=True)
+            if getattr(module, "bias", None) is not None:
+                yield f"{name}.bias", module.bias, zeros
+        elif isinstance(module, GroupedExperts):
+            yield f"{name}.w1", module.w1, InitRule("normal", std, by_row=True)
+            yield f"{name}.w2", module.w2, InitRule("normal", out_std, by_row=True)
+            yield f"{name}.b1", module.b1, zeros
+            yield f"{name}.b2", module.b2, zeros
+
+    for name, module in named_modules:
+        for key, t, rule in rules(name, module):
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield key, t, rule
+
+
+def _take(t: torch.Tensor, indices: Sequence[slice | torch.Tensor]) -> torch.Tensor:
     """t[indices[0], indices[1], ...] as an outer product: a view for slices, a gathered copy
     along a dimension given by an index tensor."""
     for dim, index in enumerate(indices):
@@ -219,92 +271,41 @@ def _take(t: torch.Tensor, indices: list[slice | torch.Tensor]) -> torch.Tensor:
     return t
 
 
-def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "") -> None:
-    """Initialise `model` (M6, or a pipeline stage holding some of its modules under the same
-    names) from each parameter's name and `seed` alone: every layout, and a stage materialised
-    from the meta device, starts from the weights of one process.
-
-    GPT-2 style: N(0, std) for linear and embedding weights, N(0, std / sqrt(2 * layers)) for the
-    residual output projections (attn.proj, mlp.fc2, experts.w2), zero biases, unit norms; the
-    ResNet's convolutions He-initialised (fan-out) as torchvision does. Numbers are drawn on the
-    CPU, so they do not depend on the device either. A parameter already sharded (a DTensor)
-    receives its slice of the same global tensor. `prefix` names a submodule initialised on its
-    own (conversion tools materialise one module at a time).
-
-    What a rank draws: linear and embedding weights and stacked experts [E, ...] are drawn row
-    by row (expert by expert), each row from its own generator, so a rank draws exactly the rows
-    it holds (at m6-100b one w1 is 512 experts x 4 M = 8.6 GB: drawing it whole on every rank is
-    not an option), and of those only the columns it keeps reach its shard: a transient of one
-    row at a time. Where a weight is split along its columns (tensor parallel's row-parallel
-    proj and fc2), the rank draws whole rows, tp times its shard. Convolutions are drawn whole
-    (He's fan-out needs the whole shape; the largest, ResNet-50's, is 2.4M numbers)."""
-    std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
-    tied = not cfg.untie_embeddings_and_output_weights
-
-    def draw(key: str, shape, fill) -> torch.Tensor:
-        t = torch.empty(shape)
-        fill(t, torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode())))
-        return t
-
-    assigned: set[int] = set()
-
-    def assign(p: torch.Tensor, key: str, fill, by_row: bool = False) -> None:
-        if id(p) in assigned:  # a tied head sharing the embedding's parameter: drawn once
-            return
-        assigned.add(id(p))
-        local = p.to_local() if isinstance(p, DTensor) else p
-        indices = local_indices(p)
-        if by_row:
-            rows = indices[0]
-            rows = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
-            for i, row in enumerate(rows):
-                local[i].copy_(_take(draw(f"{key}.{row}", p.shape[1:], fill), indices[1:]))
-        else:
-            local.copy_(_take(draw(key, p.shape, fill), indices))
-
-    def normal(sd: float):
-        return lambda t, g: nn.init.normal_(t, 0.0, sd, generator=g)
-
-    def he(t, g):
-        return nn.init.kaiming_normal_(t, mode="fan_out", nonlinearity="relu", generator=g)
-
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            name = name.replace("_checkpoint_wrapped_module.", "")  # recomputation wrappers
-            name = ".".join(filter(None, (prefix, name)))
-            if isinstance(module, nn.Conv2d):
-                assign(module.weight, f"{name}.weight", he)
-            elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-                if isinstance(module, nn.BatchNorm2d):
-                    module.reset_running_stats()
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                residual = name.endswith(("attn.proj", "mlp.fc2"))
-                key = "embedding.word_emb" if tied and name.endswith("lm_head") else name
-                assign(module.weight, f"{key}.weight", normal(out_std if residual else std), by_row=True)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, GroupedExperts):  # expert by expert: a shard draws its own
-                for leaf, sd in (("w1", std), ("w2", out_std)):
-                    assign(getattr(module, leaf), f"{name}.{leaf}", normal(sd), by_row=True)
-                module.b1.zero_()
-                module.b2.zero_()
-
-
-def materialize(model: nn.Module, cfg: ModelConfig, device: torch.device, seed: int,
-                init: bool = True) -> None:
-    """Allocate a meta-device M6 (or pipeline stage) on `device` and initialise it; init=False
-    only allocates, for weights a checkpoint is about to overwrite. to_empty() gives the two
-    ends of the tied embedding separate storage, so the tie is made again. A meta-device target
-    (a dry run's layout, see megatron_m6/dry_run.py) is left as it is: nothing to allocate."""
-    if device.type == "meta":
+def init_values(out: torch.Tensor, key: str, shape: torch.Size, rule: InitRule, seed: int,
+                indices: Sequence[slice | torch.Tensor] | None = None) -> None:
+    """Write into `out` the slice of the global tensor `key` (of `shape`, started by `rule`) at
+    `indices`: per dimension, the global indices `out` holds (all of them by default). Numbers
+    are drawn on the CPU, so they depend on neither the device nor the layout. A by-row rule
+    draws only the rows in `indices` and keeps a transient of one row at a time."""
+    if rule.kind == "constant":
+        out.fill_(rule.value)
         return
-    model.to_empty(device=device)
-    if not cfg.untie_embeddings_and_output_weights and hasattr(model, "embedding") and hasattr(model, "lm_head"):
-        model.lm_head.weight = model.embedding.word_emb.weight
-    if init:
-        init_weights(model, cfg, seed)
+    if indices is None:
+        indices = [slice(0, n) for n in shape]
+
+    def draw(draw_key: str, draw_shape) -> torch.Tensor:
+        t = torch.empty(draw_shape)
+        generator = torch.Generator().manual_seed(seed * INIT_SEED_STRIDE + zlib.crc32(draw_key.encode()))
+        if rule.kind == "he":
+            return nn.init.kaiming_normal_(t, mode="fan_out", nonlinearity="relu", generator=generator)
+        return nn.init.normal_(t, 0.0, rule.value, generator=generator)
+
+    if rule.by_row:
+        rows = indices[0]
+        rows = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
+        for i, row in enumerate(rows):
+            out[i].copy_(_take(draw(f"{key}.{row}", shape[1:]), indices[1:]))
+    else:
+        out.copy_(_take(draw(key, shape), indices))
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "") -> None:
+    """Initialise `model` (M6, or one of its modules, named `prefix` in M6) from each tensor's
+    name and `seed` alone (see init_rules): every layout starts from the weights of one process.
+    For a model already sharded over ranks, see megatron_m6/parallel/initialisation.py."""
+    with torch.no_grad():
+        for key, t, rule in init_rules(model.named_modules(prefix=prefix), cfg):
+            init_values(t, key, t.shape, rule, seed)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,10 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megatron_m6.config import RunConfig
-from megatron_m6.model import materialize
 from megatron_m6.parallel.data_parallel import GradAllReduce, apply_fsdp
 from megatron_m6.parallel.dtensor import local_tensor
 from megatron_m6.parallel.expert_parallel import apply_expert_parallel, is_expert_param
+from megatron_m6.parallel.initialisation import materialize
 from megatron_m6.parallel.mesh import ParallelDims
 from megatron_m6.parallel.pipeline_parallel import PipelineRunner, tied_embedding_group
 from megatron_m6.parallel.recompute import apply_recomputation

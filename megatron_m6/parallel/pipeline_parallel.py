@@ -65,7 +65,7 @@ class PipelineStageModel(nn.Module):
             x, aux = inputs
             x = fp32_or_wider(x)
         for layer in self.layers.values():
-            x, layer_aux = layer(x, positions, prefix_len, valid_len)
+            x, layer_aux = layer(x, positions=positions, prefix_len=prefix_len, valid_len=valid_len)
             aux = aux + layer_aux
         if self.is_last:
             return self.lm_head(self.final_norm(x)), aux

@@ -54,9 +54,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         if sequence_parallel:
             plan["input_norm"] = SequenceParallel()
             plan["mlp_norm"] = SequenceParallel()
-            # attn(x, positions, prefix_len, valid_len, cache, layer, start): gather x only.
-            plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * 6,
-                                              desired_input_layouts=(Replicate(),) + (None,) * 6)
+            # attn(x, *, positions, ...): gather x, the one positional input.
+            plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
             if isinstance(block.mlp, MLP):
                 plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
                                                  desired_input_layouts=(Replicate(),))
