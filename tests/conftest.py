@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_m6.config import ModelConfig
+from megatron_m6.data.dataset import collate
+from megatron_m6.data.task_spec import IMAGE_TASKS, LAYOUT_SPECIAL_TOKENS, TASK_NAMES, TEXT_TASKS
+from megatron_m6.data.tasks import build_sample
 
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz我们的图片猫狗"
@@ -36,21 +40,21 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def random_batch(cfg: ModelConfig, batch: int = 4, seq: int = 32, seed: int = 0) -> dict:
-    """A batch in the collate layout: odd prefix/valid lengths, some samples with images."""
+    """A collated batch of samples the task builders made from random text of random lengths
+    (so prefix and valid lengths vary): even samples of image tasks, odd ones of text tasks."""
+    rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
-    P = cfg.num_image_tokens
-    tokens = torch.randint(8, cfg.vocab_size, (batch, seq), generator=g)
-    has_image = torch.arange(batch) % 2 == 0
-    tokens[has_image, :P] = 7
-    valid = torch.randint(P + 6, seq + 1, (batch,), generator=g)
-    prefix = torch.stack([torch.randint(P + 2 if h else 2, int(v) - 2, (1,), generator=g)[0]
-                          for h, v in zip(has_image, valid)])
-    pos = torch.arange(seq)
-    loss_mask = ((pos >= prefix[:, None] - 1) & (pos < valid[:, None] - 1)).float()
-    labels = torch.roll(tokens, -1, 1) * loss_mask.long()
-    return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, prefix_len=prefix, valid_len=valid,
-                images=torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g),
-                has_image=has_image, task_id=torch.arange(batch) % 5)
+    tok = FakeTokenizer()
+    samples = []
+    for b in range(batch):
+        task = IMAGE_TASKS[b // 2 % len(IMAGE_TASKS)] if b % 2 == 0 else TEXT_TASKS[b // 2 % len(TEXT_TASKS)]
+        room = seq - (cfg.num_image_tokens if task in IMAGE_TASKS else 0) - LAYOUT_SPECIAL_TOKENS
+        text = rng.integers(tok.sentinel_ids[0], cfg.vocab_size, int(rng.integers(room // 2, room + 1)))
+        sample = build_sample(task, text.tolist(), tok, rng, seq, cfg.num_image_tokens)
+        image = torch.randn(3, cfg.image_size, cfg.image_size, generator=g) if task in IMAGE_TASKS else None
+        samples.append({"tokens": torch.tensor(sample.tokens), "prefix_len": sample.prefix_len,
+                        "task_id": TASK_NAMES.index(task), "image": image})
+    return collate(samples, seq, tok.pad_id, cfg.image_size)
 
 
 # Every test starts from this seed of torch's global generator. 0 unless M6_TEST_SEED says

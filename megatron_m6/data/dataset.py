@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from megatron_m6.data.blending import (SPLIT_NAMES, epoch_permutation, parse_blend, parse_split,
                                        sample_index, split_ranges)
 from megatron_m6.data.indexed import TEXT_MODE, IndexedDataset, IndexedDatasetError
-from megatron_m6.data.task_spec import IMAGE_TASKS, MIN_TEXT_TOKENS, TASK_NAMES, TEXT_TASKS
+from megatron_m6.data.task_spec import IMAGE_TASKS, LAYOUT_SPECIAL_TOKENS, MIN_TEXT_TOKENS, TASK_NAMES, TEXT_TASKS
 from megatron_m6.data.tasks import build_sample
+from megatron_m6.tokenizer.tokenizer import SPECIAL_TOKENS, M6Tokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -175,17 +176,17 @@ class M6PretrainDataset(Dataset):
 
 class MockDataset(Dataset):
     """Synthetic samples of the configured shapes for benchmarks and smoke runs: random tokens,
-    random task, half with (random) images, lengths within 10% of seq_length; deterministic from
-    (seed, i)."""
+    random task, half with (random) images, texts within 10% of what fits; deterministic from
+    (seed, i). Built by the task builders like real samples, with the special-token ids every M6
+    vocabulary starts with (tokenizer.SPECIAL_TOKENS), since there is no vocabulary file."""
 
     def __init__(self, vocab_size: int, seq_length: int, num_image_tokens: int, image_size: int,
-                 seed: int, num_samples: int, img_id: int = 7, cls_id: int = 2, sep_id: int = 3,
-                 eos_id: int = 6):
+                 seed: int, num_samples: int):
         self.vocab_size, self.seq_length = vocab_size, seq_length
         self.seed, self.num_samples = seed, num_samples
         self.num_image_tokens, self.image_size = num_image_tokens, image_size
-        self.img_id, self.cls_id, self.sep_id, self.eos_id = img_id, cls_id, sep_id, eos_id
-        self.first_token = max(img_id, cls_id, sep_id, eos_id) + 1  # first non-special id
+        self.tok = M6Tokenizer(list(SPECIAL_TOKENS))
+        self.first_text_id = min(self.tok.sentinel_ids)  # past [PAD] .. [IMG]; ids stand for nothing here
 
     def __len__(self) -> int:
         return self.num_samples
@@ -197,18 +198,16 @@ class MockDataset(Dataset):
         has_image = bool(rng.random() < 0.5)
         tasks = IMAGE_TASKS if has_image else TEXT_TASKS
         task = tasks[rng.integers(len(tasks))]
-        n_img = self.num_image_tokens if has_image else 0
-        room = self.seq_length - n_img - 3
+        room = self.seq_length - (self.num_image_tokens if has_image else 0) - LAYOUT_SPECIAL_TOKENS
         n = int(rng.integers(max(MIN_TEXT_TOKENS, room - room // 10), room + 1))
-        text = rng.integers(self.first_token, self.vocab_size, n).tolist()
-        cut = 0 if task == "captioning" else int(rng.integers(1, n))
-        prefix = [self.img_id] * n_img + [self.cls_id] + text[:cut] + [self.sep_id]
+        text = rng.integers(self.first_text_id, self.vocab_size, n).tolist()
+        sample = build_sample(task, text, self.tok, rng, self.seq_length, self.num_image_tokens)
         image = None
         if has_image:
             shape = (3, self.image_size, self.image_size)
             image = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
-        return {"tokens": torch.tensor(prefix + text[cut:] + [self.eos_id], dtype=torch.long),
-                "prefix_len": len(prefix), "task_id": TASK_NAMES.index(task), "image": image}
+        return {"tokens": torch.tensor(sample.tokens, dtype=torch.long),
+                "prefix_len": sample.prefix_len, "task_id": TASK_NAMES.index(task), "image": image}
 
 
 def collate(samples: list[dict], seq_length: int, pad_id: int,
