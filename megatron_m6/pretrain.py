@@ -97,12 +97,12 @@ def build_layout(cfg: RunConfig, dims: ParallelDims, mesh: DeviceMesh | None,
     # own shards of them (parallelize), and every parameter is drawn from its name, so all
     # layouts start from the same weights.
     with torch.device("meta"):
-        full = M6(cfg.model).to(PARAMS_DTYPES[cfg.params_dtype])
-    n_params = sum(p.numel() for p in full.parameters())
+        whole_model = M6(cfg.model).to(PARAMS_DTYPES[cfg.params_dtype])
+    n_params = sum(p.numel() for p in whole_model.parameters())
     if dims.pp > 1:
-        stage_ids, parts = build_pipeline_stages(full, cfg, mesh["pp"].get_local_rank(), dims.pp)
+        stage_ids, parts = build_pipeline_stages(whole_model, cfg, mesh["pp"].get_local_rank(), dims.pp)
     else:
-        stage_ids, parts = [0], [full]
+        stage_ids, parts = [0], [whole_model]
     return stage_ids, parts, parallelize(parts, cfg, dims, mesh, device), n_params
 
 

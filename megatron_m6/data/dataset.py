@@ -65,8 +65,8 @@ class IndexedSource:
         if ds.multimodal:
             images = np.bincount(doc_of[~is_text], minlength=n_docs)
             if (images != 1).any():
-                d = int(np.flatnonzero(images != 1)[0])
-                raise IndexedDatasetError(f"{prefix}: document {d} has {images[d]} images; "
+                doc = int(np.flatnonzero(images != 1)[0])
+                raise IndexedDatasetError(f"{prefix}: document {doc} has {images[doc]} images; "
                                           "multimodal documents are [caption, image] pairs")
             self.image_item = np.flatnonzero(~is_text)
         lengths = ds.sequence_lengths.astype(np.int64)
@@ -80,18 +80,19 @@ class IndexedSource:
         ends_eos[has] = ds.data[pos] == eos_id
         self.usable = text_len - ends_eos >= MIN_TEXT_TOKENS
 
-    def text(self, d: int) -> np.ndarray:
-        """Token ids of document d (of its caption, for a pair), without a trailing [EOS]."""
+    def text(self, doc: int) -> np.ndarray:
+        """Token ids of document `doc` (of its caption, for a pair), without a trailing [EOS]."""
         if self.multimodal:
-            first, last = self.ds.document_indices[d], self.ds.document_indices[d + 1]
+            first, last = self.ds.document_indices[doc], self.ds.document_indices[doc + 1]
             modes = self.ds.sequence_modes
             tokens = np.concatenate([self.ds[i] for i in range(first, last) if modes[i] == TEXT_MODE])
         else:
-            tokens = self.ds.document(d)
+            tokens = self.ds.document(doc)
         return tokens[:-1] if len(tokens) and tokens[-1] == self.eos_id else tokens
 
-    def image(self, d: int) -> bytes:
-        return self.ds.image_bytes(int(self.image_item[d]))
+    def image(self, doc: int) -> bytes:
+        """The JPEG of image-text pair `doc`."""
+        return self.ds.image_bytes(int(self.image_item[doc]))
 
 
 class M6PretrainDataset(Dataset):
@@ -121,8 +122,8 @@ class M6PretrainDataset(Dataset):
         for source in self.sources:
             start, end = split_ranges(source.ds.num_documents, parse_split(splits))[self.split]
             self.docs.append(np.flatnonzero(source.usable[start:end]) + start)
-        serves = {kind: np.array([w if (s.multimodal == (kind == "image") and len(d)) else 0.0
-                                  for (w, _), s, d in zip(blend, self.sources, self.docs)])
+        serves = {kind: np.array([w if (s.multimodal == (kind == "image") and len(docs)) else 0.0
+                                  for (w, _), s, docs in zip(blend, self.sources, self.docs)])
                   for kind in ("text", "image")}
         kind_of = {t: "image" if t in IMAGE_TASKS else "text" for t in TASK_NAMES}
         if task_weights:
@@ -263,8 +264,8 @@ class DataParallelSampler(Sampler[int]):
 
     def __len__(self) -> int:
         n = max(0, self.stop - self.start)
-        full, rest = divmod(n, self.micro * self.size)
-        return full * self.micro + min(self.micro, max(0, rest - self.rank * self.micro))
+        rounds, rest = divmod(n, self.micro * self.size)  # whole rounds of one micro-batch per rank
+        return rounds * self.micro + min(self.micro, max(0, rest - self.rank * self.micro))
 
 
 def build_data_loader(dataset: Dataset, micro_batch_size: int, seq_length: int, pad_id: int,

@@ -81,8 +81,8 @@ def minhash(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     filled = sig[np.arange(n)[:, None], nxt % NUM_BINS] + (nxt - cols).astype(np.uint64)
     bands = filled.reshape(n, BANDS, ROWS)
     keys = np.zeros((n, BANDS), dtype=np.uint64)
-    for r in range(ROWS):
-        keys = _mix(keys ^ bands[:, :, r])
+    for row in range(ROWS):
+        keys = _mix(keys ^ bands[:, :, row])
     keys = _mix(keys + np.arange(1, BANDS + 1, dtype=np.uint64))  # distinct key space per band
     out[has] = keys[has] | np.uint64(1)  # never 0, which marks "no signature"
     sigs[has] = (_mix(filled[has]) & np.uint64(0xFFFF)).astype(np.uint16)

@@ -105,15 +105,16 @@ class IndexedDataset:
             header = f.read(HEADER_SIZE)
         if len(header) < HEADER_SIZE or header[:len(MAGIC)] != MAGIC:
             raise IndexedDatasetError(f"{path} is not a Megatron indexed dataset index (bad header)")
-        version, code, n, d = struct.unpack("<QBQQ", header[len(MAGIC):])
+        # n items; num_bounds document boundaries (documents + 1, the first at item 0)
+        version, code, n, num_bounds = struct.unpack("<QBQQ", header[len(MAGIC):])
         if version != VERSION:
             raise IndexedDatasetError(f"{path}: unsupported index version {version}")
         if code not in DTYPES:
             raise IndexedDatasetError(f"{path}: unknown dtype code {code}")
-        body = HEADER_SIZE + 4 * n + 8 * n + 8 * d
+        body = HEADER_SIZE + 4 * n + 8 * n + 8 * num_bounds
         if size not in (body, body + n):
             raise IndexedDatasetError(f"{path} has {size} bytes, expected {body} or {body + n} for "
-                                      f"{n} items and {d - 1} documents (truncated or corrupt)")
+                                      f"{n} items and {num_bounds - 1} documents (truncated or corrupt)")
         self.dtype = np.dtype(DTYPES[code])
         self.multimodal = size == body + n and n > 0
         idx = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
@@ -122,10 +123,10 @@ class IndexedDataset:
         off += 4 * n
         self.sequence_pointers = idx[off:off + 8 * n].view(np.int64)
         off += 8 * n
-        self.document_indices = idx[off:off + 8 * d].view(np.int64)
-        off += 8 * d
+        self.document_indices = idx[off:off + 8 * num_bounds].view(np.int64)
+        off += 8 * num_bounds
         self.sequence_modes = idx[off:off + n].view(np.int8) if self.multimodal else None
-        if d < 1 or self.document_indices[0] != 0 or self.document_indices[-1] != n \
+        if num_bounds < 1 or self.document_indices[0] != 0 or self.document_indices[-1] != n \
                 or (np.diff(self.document_indices) < 0).any():
             raise IndexedDatasetError(f"{path}: document boundaries are not a sorted list from 0 "
                                       f"to {n} items")
@@ -164,9 +165,9 @@ class IndexedDataset:
         """Item i (a sentence, a document, a caption or an image), as stored."""
         return self._read(int(self.sequence_pointers[i]), int(self.sequence_lengths[i]))
 
-    def document(self, d: int) -> np.ndarray:
-        """All items of document d, concatenated (they are contiguous in .bin)."""
-        first, last = int(self.document_indices[d]), int(self.document_indices[d + 1])
+    def document(self, doc: int) -> np.ndarray:
+        """All items of document `doc`, concatenated (they are contiguous in .bin)."""
+        first, last = int(self.document_indices[doc]), int(self.document_indices[doc + 1])
         if first == last:
             return np.zeros(0, self.dtype)
         total = int(self.sequence_lengths[first:last].sum())

@@ -512,6 +512,6 @@ def format_report(stats: Stats) -> str:
     rows.append(("input", f"{stats.files} files, {stats.lines:,} lines",
                  f"{stats.bytes / 1e6:.1f} MB in {stats.seconds:.1f} s: {stats.bytes / s / 1e6:.2f} "
                  f"MB/s, {docs / s:.0f} docs/s, {stats.images / s:.0f} images/s"))
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
+    w0 = max(len(row[0]) for row in rows)
+    w1 = max(len(row[1]) for row in rows)
     return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)

@@ -180,7 +180,7 @@ def _tmp_name(path: str) -> str:
 def _write_jsonl(path: str, rows: list[dict]) -> None:
     tmp = _tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     os.replace(tmp, path)
 
 
@@ -212,8 +212,8 @@ def make_sample_data(out_dir: str, num_train_images: int = 2000, num_test_images
     docs = make_text_corpus(num_text_docs, seed)
     _write_jsonl(os.path.join(out_dir, "captions_train.jsonl"), train)
     _write_jsonl(os.path.join(out_dir, "captions_test.jsonl"), test)
-    _write_jsonl(os.path.join(out_dir, "text.jsonl"), [{"text": d} for d in docs])
-    tok = build_vocab(docs + [r["text"] for r in train + test], os.path.join(out_dir, "vocab.txt"),
+    _write_jsonl(os.path.join(out_dir, "text.jsonl"), [{"text": doc} for doc in docs])
+    tok = build_vocab(docs + [pair["text"] for pair in train + test], os.path.join(out_dir, "vocab.txt"),
                       vocab_size=vocab_size)
     return {"out_dir": out_dir, "train_images": len(train), "test_images": len(test),
             "text_docs": len(docs), "vocab_size": tok.vocab_size}
