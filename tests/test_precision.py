@@ -12,9 +12,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_m6.config import parse_args
-from megatron_m6.model.m6 import SelfAttention
+from megatron_m6.model.m6 import M6, SelfAttention
 from megatron_m6.model.moe import GroupedExperts
-from megatron_m6.parallel.pipeline_parallel import PipelineStageModel
 from megatron_m6.precision import LayerNorm
 from megatron_m6.pretrain import setup
 from megatron_m6.training.trainer import StepStats
@@ -45,7 +44,7 @@ def observed_dtypes(argv: list[str]) -> dict[str, set[str]]:
             seen["expert rows"].add(_dtype(args[0]))
         if isinstance(module, nn.Linear) and module.out_features == cfg.model.num_experts:
             seen["router logits"].add(_dtype(output))
-        if isinstance(module, PipelineStageModel) and not module.is_last:
+        if isinstance(module, M6) and module.lm_head is None:  # a pipeline stage before the last
             seen["stage output"].add(_dtype(output[0]))
 
     for module in trainer.model.modules():

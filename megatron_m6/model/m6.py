@@ -169,6 +169,10 @@ class Embedding(nn.Module):
 
 
 class M6(nn.Module):
+    """The whole model, or one pipeline stage of it: a stage is an M6 with the modules it does not
+    hold removed (set to None; layers kept under their global index), and forward passes through
+    whatever is missing, so parameter names are the same in every layout."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -184,20 +188,31 @@ class M6(nn.Module):
 
     def forward(self, tokens: torch.Tensor, prefix_len: torch.Tensor, valid_len: torch.Tensor,
                 images: torch.Tensor | None = None, has_image: torch.Tensor | None = None,
-                cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: KVCache | None = None, start: int = 0, *, aux: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, S, vocab] and the summed MoE auxiliary loss.
 
-        With a KV cache, `tokens` are the positions start..start+S-1 of the sequence.
+        With a KV cache, `tokens` are the positions start..start+S-1 of the sequence. A stage
+        without the embedding takes the previous stage's hidden states as `tokens`, its running
+        auxiliary loss as `aux` and the text `positions`; one without the head returns hidden
+        states.
         """
         if has_image is None:
             has_image = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        x, positions = self.embedding(tokens, images, has_image, prefix_len, start)
-        aux_total = torch.zeros((), dtype=torch.float32, device=tokens.device)
+        x = tokens
+        if self.embedding is not None:
+            x, positions = self.embedding(tokens, images, has_image, prefix_len, start)
+        if aux is None:
+            aux = x.new_zeros(())
         for layer in self.layers.values():
-            x, aux = layer(x, positions=positions, prefix_len=prefix_len, valid_len=valid_len,
-                           cache=cache, start=start)
-            aux_total = aux_total + aux
-        return self.lm_head(self.final_norm(x)), aux_total
+            x, layer_aux = layer(x, positions=positions, prefix_len=prefix_len, valid_len=valid_len,
+                                 cache=cache, start=start)
+            aux = aux + layer_aux
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x, aux
 
 
 # Every drawn tensor (or row) has a generator of its own, seeded from the run's seed and the

@@ -69,7 +69,7 @@ def materialize(model: nn.Module, cfg: ModelConfig, device: torch.device, seed: 
     if device.type == "meta":
         return
     model.to_empty(device=device)
-    if not cfg.untie_embeddings_and_output_weights and hasattr(model, "embedding") and hasattr(model, "lm_head"):
+    if not cfg.untie_embeddings_and_output_weights and model.embedding is not None and model.lm_head is not None:
         model.lm_head.weight = model.embedding.word_emb.weight
     if init:
         init_shards(model, cfg, seed)

@@ -153,8 +153,8 @@ def parallelize(parts: list[nn.Module], cfg: RunConfig, dims: ParallelDims, mesh
     if dims.pp > 1 and not cfg.model.untie_embeddings_and_output_weights:
         state.tied_group = tied_embedding_group(mesh, timedelta(minutes=cfg.distributed_timeout_minutes))
         for part in parts:
-            if hasattr(part, "embedding"):
+            if part.embedding is not None:
                 state.tied_weight = part.embedding.word_emb.weight
-            elif hasattr(part, "lm_head"):
+            elif part.lm_head is not None:
                 state.tied_weight = part.lm_head.weight
     return state

@@ -3,20 +3,22 @@ stages per rank, `--num-layers-per-virtual-pipeline-stage`) and the interleaved 
 schedule (`--pipeline-schedule zero_bubble`).
 
 The model is built on the meta device and each rank keeps and materialises only its own stages,
-so a large model is never built whole on one rank. A stage holds M6's own modules under their
-own names (`layers.{global index}`, `embedding` on the first stage, `final_norm` and `lm_head` on
-the last), so checkpoints and the other plans see the same names in every layout. With tied
+so a large model is never built whole on one rank. A stage is M6 itself with the modules of
+other stages removed (`layers.{global index}` kept, `embedding` only on the first stage,
+`final_norm` and `lm_head` only on the last), so checkpoints and the other plans see the same
+names in every layout. With tied
 embeddings the first and last stages each hold the word embedding; their gradients are summed
 over the two stages, which is exactly the gradient of the tied weight in one process.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
@@ -27,49 +29,50 @@ from megatron_m6.precision import PARAMS_DTYPES, compute_dtype, fp32_or_wider, t
 from megatron_m6.training.loss_sums import LossSums
 
 
-
 def stages_of_rank(pp_rank: int, pp: int, num_layers: int, layers_per_virtual_stage: int | None) -> list[int]:
     """Stage indices held by a pipeline rank: one, or every pp-th one when interleaved."""
     virtual = num_layers // (pp * layers_per_virtual_stage) if layers_per_virtual_stage else 1
     return [pp_rank + k * pp for k in range(virtual)]
 
 
-class PipelineStageModel(nn.Module):
-    """One pipeline stage of M6: contiguous layers, plus the embedding on the first stage and the
-    final norm and head on the last. forward(*inputs, prefix_len, valid_len, has_image,
-    positions) takes (tokens, images) on the first stage and (hidden, aux) elsewhere, and returns
-    (hidden, aux), or (logits, aux) on the last stage; aux accumulates the MoE losses.
+def pipeline_stage(model: M6, stage: int, num_stages: int, cfg: RunConfig) -> M6:
+    """One pipeline stage of a (meta-device) M6: a copy without the other stages' layers, with
+    the embedding only on the first stage and the final norm and head only on the last, fitted
+    to the schedule's calls (see `_receive` and `_send`)."""
+    stage_model = copy.deepcopy(model, memo={id(model.cfg): model.cfg})
+    per_stage = model.cfg.num_layers // num_stages
+    for i in range(model.cfg.num_layers):
+        if not stage * per_stage <= i < (stage + 1) * per_stage:
+            del stage_model.layers[str(i)]
+    if stage != 0:
+        stage_model.embedding = None
+    if stage != num_stages - 1:
+        stage_model.final_norm = stage_model.lm_head = None
+        stage_model.register_forward_hook(_send)
+    stage_model.register_forward_pre_hook(functools.partial(_receive, aux_dtype=PARAMS_DTYPES[cfg.params_dtype]),
+                                          with_kwargs=True)
+    return stage_model
 
-    Hidden states travel in the compute dtype (bf16 under autocast, half the bytes) and the
-    receiving stage carries on with the fp32 residual stream (megatron_m6/precision.py)."""
 
-    def __init__(self, model: M6, stage: int, num_stages: int):
-        super().__init__()
-        self.cfg = model.cfg
-        per_stage = model.cfg.num_layers // num_stages
-        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
-        if self.is_first:
-            self.embedding = model.embedding
-        self.layers = nn.ModuleDict({str(i): model.layers[str(i)]
-                                     for i in range(stage * per_stage, (stage + 1) * per_stage)})
-        if self.is_last:
-            self.final_norm, self.lm_head = model.final_norm, model.lm_head
+def _receive(stage: M6, args: tuple, kwargs: dict, aux_dtype: torch.dtype) -> tuple[tuple, dict]:
+    """The schedule calls the first stage with (tokens, images), every other with what the
+    previous stage sent, (hidden, aux), and all with the batch's other inputs by name; M6.forward
+    takes the images and the running aux loss by name. Hidden states arrive in the compute dtype
+    and carry on in the fp32 residual stream (megatron_m6/precision.py)."""
+    if stage.embedding is not None:
+        tokens, images = args
+        # A leaf, so the aux stream has a gradient path even through stages without MoE.
+        aux = torch.zeros(1, dtype=aux_dtype, device=tokens.device, requires_grad=True)
+        return (tokens,), {**kwargs, "images": images, "aux": aux}
+    hidden, aux = args
+    return (fp32_or_wider(hidden),), {**kwargs, "aux": aux}
 
-    def forward(self, *inputs, prefix_len, valid_len, has_image, positions):
-        if self.is_first:
-            tokens, images = inputs
-            x, _ = self.embedding(tokens, images, has_image, prefix_len)
-            # A leaf, so the aux stream has a gradient path even through stages without MoE.
-            aux = torch.zeros(1, device=x.device, dtype=fp32_or_wider(x).dtype, requires_grad=True)
-        else:
-            x, aux = inputs
-            x = fp32_or_wider(x)
-        for layer in self.layers.values():
-            x, layer_aux = layer(x, positions=positions, prefix_len=prefix_len, valid_len=valid_len)
-            aux = aux + layer_aux
-        if self.is_last:
-            return self.lm_head(self.final_norm(x)), aux
-        return to_compute_dtype(x), aux
+
+def _send(stage: M6, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stage without the head sends its hidden states in the compute dtype (bf16 under
+    autocast, half the bytes), with the running aux loss."""
+    hidden, aux = output
+    return to_compute_dtype(hidden), aux
 
 
 class PipelineLoss:
@@ -95,7 +98,7 @@ class PipelineLoss:
 class PipelineRunner:
     """Drives the schedule for the trainer: one call per step (or per evaluation batch)."""
 
-    def __init__(self, stages: list[PipelineStageModel], stage_ids: list[int], num_stages: int,
+    def __init__(self, stages: list[M6], stage_ids: list[int], num_stages: int,
                  mesh: DeviceMesh, device: torch.device, cfg: RunConfig, num_micro_batches: int):
         pp = mesh["pp"].size()
         # The schedule's sends may still be in flight when a step returns: reductions of the
@@ -166,27 +169,27 @@ def _hidden(cfg: RunConfig, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty(1, dtype=PARAMS_DTYPES[cfg.params_dtype], device="meta", requires_grad=True))
 
 
-def stage_inputs(stage: PipelineStageModel, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
-    if stage.is_first:
+def stage_inputs(stage: M6, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
+    if stage.embedding is not None:
         b, s, size = cfg.micro_batch_size, cfg.seq_length, cfg.model.image_size
         return (torch.empty(b, s, dtype=torch.long, device="meta"),
                 torch.empty(b, 3, size, size, dtype=PARAMS_DTYPES[cfg.params_dtype], device="meta"))
     return _hidden(cfg, tp)
 
 
-def stage_outputs(stage: PipelineStageModel, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
-    if stage.is_last:  # vocabulary-parallel logits stay on this rank for the loss
+def stage_outputs(stage: M6, cfg: RunConfig, tp: int) -> tuple[torch.Tensor, ...]:
+    if stage.lm_head is not None:  # vocabulary-parallel logits stay on this rank for the loss
         logits = torch.empty(cfg.micro_batch_size, cfg.seq_length, cfg.model.vocab_size // tp, device="meta",
                              dtype=compute_dtype(cfg.bf16, cfg.params_dtype))
         return logits, torch.empty(1, dtype=PARAMS_DTYPES[cfg.params_dtype], device="meta", requires_grad=True)
     return _hidden(cfg, tp)
 
 
-def build_pipeline_stages(model: M6, cfg: RunConfig, pp_rank: int, pp: int) -> tuple[list[int], list[PipelineStageModel]]:
+def build_pipeline_stages(model: M6, cfg: RunConfig, pp_rank: int, pp: int) -> tuple[list[int], list[M6]]:
     """This rank's stage indices and stage modules, cut from a (meta-device) model."""
     ids = stages_of_rank(pp_rank, pp, cfg.model.num_layers, cfg.num_layers_per_virtual_pipeline_stage)
     num_stages = pp * len(ids)
-    return ids, [PipelineStageModel(model, s, num_stages) for s in ids]
+    return ids, [pipeline_stage(model, s, num_stages, cfg) for s in ids]
 
 
 def tied_embedding_group(mesh: DeviceMesh, timeout: timedelta) -> dist.ProcessGroup | None:
@@ -196,8 +199,8 @@ def tied_embedding_group(mesh: DeviceMesh, timeout: timedelta) -> dist.ProcessGr
     ranks = mesh.mesh  # [pp, edp, ep, tp] global ranks
     mine = None
     for coords in torch.cartesian_prod(*(torch.arange(n) for n in ranks.shape[1:])).reshape(-1, 3).tolist():
-        e, p, t = coords
-        pair = [int(ranks[0, e, p, t]), int(ranks[-1, e, p, t])]
+        edp, ep, tp = coords
+        pair = [int(ranks[0, edp, ep, tp]), int(ranks[-1, edp, ep, tp])]
         group = dist.new_group(pair, timeout=timeout)
         if dist.get_rank() in pair:
             mine = group

@@ -19,29 +19,27 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
-from torch import nn
-
-from megatron_m6.model.m6 import MLP
+from megatron_m6.model.m6 import M6, MLP
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(model: M6, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """`model`: M6, or a pipeline stage of it (which may lack the embedding or the head)."""
     # Between blocks the activations are replicated, or split along the sequence with SP.
     between = Shard(1) if sequence_parallel else Replicate()
     top = {}
-    if hasattr(model, "embedding"):
+    if model.embedding is not None:
         top["embedding.word_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
         if sequence_parallel:
             top["embedding"] = PrepareModuleOutput(output_layouts=(Replicate(), None),
                                                    desired_output_layouts=(Shard(1), None))
-    if hasattr(model, "lm_head"):
+    if model.lm_head is not None:
         top["lm_head"] = ColwiseParallel(input_layouts=between, output_layouts=Shard(-1),
                                          use_local_output=False)
         if sequence_parallel:
             top["final_norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, top)
-    if (not model.cfg.untie_embeddings_and_output_weights and hasattr(model, "embedding")
-            and hasattr(model, "lm_head")):
+    if (not model.cfg.untie_embeddings_and_output_weights and model.embedding is not None
+            and model.lm_head is not None):
         # Both halves of the tie are split over the vocabulary the same way: share one DTensor.
         model.lm_head.weight = model.embedding.word_emb.weight
 
