@@ -1,8 +1,9 @@
 """All configuration in one place: dataclasses for the model and the run, presets, and the
 Megatron-style command line that fills them.
 
-`parse_args()` turns flags into a `RunConfig`; `validate()` rejects impossible configurations with
-one clear line (`ConfigError`) before any work starts.
+`parse_args()` turns flags into a `RunConfig`; every check of it lives here and rejects an
+impossible configuration with one clear line (`ConfigError`) before any work starts: `validate()`
+when the flags are read, `validate_layout()` once the world size is known (parallel_dims calls it).
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true", default=None,
                    help="synthetic batches of the configured shapes")
     g.add_argument("--task-weights", type=str,
-                   help=f"e.g. text_denoising=1,prefix_lm=1,captioning=2 (default: all equal); "
+                   help="e.g. text_denoising=1,prefix_lm=1,captioning=2 (default: all equal); "
                         f"tasks: {', '.join(TASK_NAMES)}")
     g.add_argument("--save", type=str, help="folder the checkpoints are written to")
     g.add_argument("--load", type=str, help="checkpoint folder to resume from")
@@ -329,6 +330,7 @@ MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
+    """--task-weights NAME=W,NAME=W,... -> {name: weight}; unknown tasks are an error here."""
     weights = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
