@@ -148,7 +148,7 @@ def test_errors(data_dir):
 def test_collate_masks_and_labels():
     rng = np.random.default_rng(0)
     samples = []
-    for b, task in enumerate(TASK_NAMES * 2):
+    for task in TASK_NAMES * 2:
         text = rng.integers(108, TOK.vocab_size, int(rng.integers(2, 60))).tolist()
         s = build_sample(task, text, TOK, rng, SEQ, N_IMG)
         image = torch.randn(3, IMG, IMG) if task in IMAGE_TASKS else None
