@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True, help="vocab.txt to write")
     p.add_argument("--vocab-size", type=int, default=8000,
                    help="WordPiece budget (CJK characters are kept beyond it)")
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--min-frequency", type=int, default=2,
+                   help="leave out WordPiece pieces seen fewer times (CJK characters are always kept)")
     p.add_argument("--cjk-block", action="store_true",
                    help="add every basic CJK ideograph, CJK punctuation and printable ASCII")
     args = p.parse_args(argv)
