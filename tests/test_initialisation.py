@@ -64,7 +64,7 @@ BY_ROW = (torch.nn.Linear, torch.nn.Embedding)  # and stacked experts: drawn row
 def drawn_keys(cfg) -> dict[int, str]:
     """Generator seed -> the name of what it draws: a convolution's weight by its name, each row
     of a linear or embedding weight and each expert of a stacked expert weight by the weight's
-    name and the row's index (the naming init_weights documents)."""
+    name and the row's index (the naming megatron_m6.model.m6.InitRule documents)."""
     with torch.device("meta"):
         model = M6(cfg.model)
     keys = {}
