@@ -324,11 +324,8 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross entropy per position [B, S], in fp32 or wider (vocab-parallel logits under
-    loss_parallel)."""
+    """Cross entropy per position [B, S], in fp32 or wider."""
     ce = F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), labels.flatten(), reduction="none")
-    if hasattr(ce, "full_tensor"):  # a DTensor from vocab-parallel cross entropy
-        ce = ce.full_tensor()
     return ce.view(labels.shape)
 
 

@@ -11,3 +11,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The part of `t` this rank holds: a DTensor's local shard, or `t` itself."""
     return t.to_local() if isinstance(t, DTensor) else t
 
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of `t` as a plain tensor (gathered if a DTensor is sharded)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

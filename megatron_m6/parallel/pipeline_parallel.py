@@ -24,7 +24,8 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleI
                                           ScheduleInterleavedZeroBubble)
 
 from megatron_m6.config import ModelConfig, RunConfig
-from megatron_m6.model.m6 import M6, text_positions, token_losses
+from megatron_m6.model.m6 import M6, text_positions
+from megatron_m6.parallel.tensor_parallel import token_losses
 from megatron_m6.precision import PARAMS_DTYPES, compute_dtype, fp32_or_wider, to_compute_dtype
 from megatron_m6.training.loss_sums import LossSums
 

@@ -12,6 +12,7 @@ and position/modality embeddings are replicated. MoE MLPs stay replicated over t
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
@@ -19,7 +20,9 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
+from megatron_m6.model import m6
 from megatron_m6.model.m6 import M6, MLP
+from megatron_m6.parallel.dtensor import full_tensor
 
 
 def apply_tensor_parallel(model: M6, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
@@ -63,3 +66,11 @@ def apply_tensor_parallel(model: M6, tp_mesh: DeviceMesh, sequence_parallel: boo
                     use_local_input=True, output_layouts=(Replicate(), None),
                     desired_output_layouts=(Shard(1), None))
         parallelize_module(block, tp_mesh, plan)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """M6's cross entropy per position (megatron_m6.model.m6.token_losses), also of the
+    vocabulary-parallel logits the LM head's plan leaves as a DTensor: under loss_parallel() their
+    losses are computed without gathering the logits and come back replicated, a DTensor made a
+    plain tensor here."""
+    return full_tensor(m6.token_losses(logits, labels))

@@ -15,8 +15,8 @@ from torch import nn
 
 from megatron_m6.config import RunConfig
 from megatron_m6.data.task_spec import TASK_NAMES
-from megatron_m6.model import token_losses
 from megatron_m6.parallel import ParallelDims, ParallelState
+from megatron_m6.parallel.tensor_parallel import token_losses
 from megatron_m6.precision import PARAMS_DTYPES
 from megatron_m6.training import checkpoint as ckpt
 from megatron_m6.training.loss_sums import LossSums
