@@ -24,9 +24,8 @@ class ConfigError(ValueError):
     """An impossible or contradictory configuration; its message is one line for the user."""
 
 
-# The enumerated settings; the command line's choices are read from these. The kernel backends
-# are dispatched in model/attention.py (ATTENTION_BACKENDS) and model/moe.py
-# (MOE_DISPATCH_BACKENDS), which import this module; tests/test_config.py holds them equal.
+# The enumerated settings; the command line's choices are read from these, and so are the kernel
+# backends model/attention.py and model/moe.py dispatch on (ATTENTION_BACKENDS, MOE_DISPATCH_BACKENDS).
 PositionEmbeddingType = Literal["learned_absolute", "rope"]
 AttentionBackend = Literal["auto", "fused", "sdpa", "flex"]
 MoeDispatchBackend = Literal["auto", "fused", "torch"]

@@ -17,18 +17,19 @@ and any the kernel cannot take (head dim, dtype, no Triton), run on sdpa.
 from __future__ import annotations
 
 import functools
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-from megatron_m6.config import ModelConfig
+from megatron_m6.config import AttentionBackend, ModelConfig
 
 try:
     from m6_kernels import runtime as kernel_runtime
 except ImportError:  # kernels/ neither installed nor on the path: PyTorch only
     kernel_runtime = None
 
-ATTENTION_BACKENDS = ("auto", "fused", "sdpa", "flex")
+ATTENTION_BACKENDS = get_args(AttentionBackend)  # the values --attention-backend takes
 _HALF = (torch.float16, torch.bfloat16)
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_m6.config import ModelConfig
+from megatron_m6.config import ModelConfig, MoeDispatchBackend
 from megatron_m6.precision import fp32_or_wider
 
 try:
@@ -35,7 +35,7 @@ try:
 except ImportError:  # kernels/ neither installed nor on the path: PyTorch only
     kernel_runtime = None
 
-MOE_DISPATCH_BACKENDS = ("auto", "fused", "torch")
+MOE_DISPATCH_BACKENDS = get_args(MoeDispatchBackend)  # the values --moe-dispatch-backend takes
 
 # torch._grouped_mm wants every row of its operands 16-byte aligned: 8 bf16 elements.
 GROUPED_MM_ALIGNMENT = 8
