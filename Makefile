@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: torch install deps test-deps demo test test-seeds test-slurm bench bench-data bench-checkpoint
+.PHONY: torch install deps test-deps lint demo test test-seeds test-slurm bench bench-data bench-checkpoint
 
 # torch first, pinned, and only when none is present: an unpinned torch would pull a CUDA build,
 # and a user's own (CUDA) torch must never be replaced. One that is too old stops here with
@@ -30,8 +30,12 @@ install: torch
 demo: deps
 	bash examples/pretrain_m6_tiny.sh
 
-# The machine first (CPU, versions, threads): a failure report then says where it ran.
-test: test-deps
+# ruff, configured in pyproject.toml (a pinned version, from requirements-test.txt).
+lint: test-deps
+	$(PYTHON) -m ruff check .
+
+# The linter, then the machine (CPU, versions, threads): a failure report then says where it ran.
+test: test-deps lint
 	@$(PYTHON) tools/machine_info.py
 	$(PYTHON) -m pytest -q tests
 

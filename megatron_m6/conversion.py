@@ -32,8 +32,14 @@ from tqdm import tqdm
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.model import M6, init_weights
-from megatron_m6.training.checkpoint import (CheckpointError, _fsync_write, checkpoint_dir,
-                                             latest_checkpoint, one_line_cause, publish)
+from megatron_m6.training.checkpoint import (
+    CheckpointError,
+    _fsync_write,
+    checkpoint_dir,
+    latest_checkpoint,
+    one_line_cause,
+    publish,
+)
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"

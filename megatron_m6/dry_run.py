@@ -33,9 +33,17 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from megatron_m6.config import RunConfig
 from megatron_m6.model_size import layout_from_config
 from megatron_m6.parallel import destroy_process_mesh, init_process_mesh, parallel_dims
-from megatron_m6.parallel.memory import (Layout, RankCoordinates, RankMemory, RankParams, count_params,
-                                         estimate_rank_memory, rank_coordinates, rank_param_counts,
-                                         rank_param_shapes)
+from megatron_m6.parallel.memory import (
+    Layout,
+    RankCoordinates,
+    RankMemory,
+    RankParams,
+    count_params,
+    estimate_rank_memory,
+    rank_coordinates,
+    rank_param_counts,
+    rank_param_shapes,
+)
 from megatron_m6.parallel.recompute import plain_parameter_name
 from megatron_m6.pretrain import build_layout, load_tokenizer
 
@@ -166,7 +174,8 @@ def check_layout(cfg: RunConfig, layout: Layout, mesh: DeviceMesh | None, parts:
                 problems.append(f"{name} is on {t.device}, not the meta device")
     for name in sorted(want_before.keys() | got_before.keys()):
         if name not in got_before or name not in want_before:
-            problems.append(f"{name}: {'missing on this rank' if name not in got_before else 'not in the memory model'}")
+            where = "missing on this rank" if name not in got_before else "not in the memory model"
+            problems.append(f"{name}: {where}")
         elif (got_before[name], got_shard[name]) != (want_before[name], want_shard[name]):
             problems.append(f"{name}: local shape {got_shard[name]} ({got_before[name]} before data-parallel "
                             f"sharding), memory model {want_shard[name]} ({want_before[name]})")

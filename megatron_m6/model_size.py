@@ -10,14 +10,13 @@ whose per-GPU memory is printed (megatron_m6/parallel/memory.py).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_m6.config import PRESETS, ConfigError, ModelConfig, RunConfig, config_from_args, build_parser
+from megatron_m6.config import ConfigError, ModelConfig, RunConfig, build_parser, config_from_args
 from megatron_m6.model import M6
 from megatron_m6.model.moe import MoEMLP
 from megatron_m6.parallel.memory import Layout, estimate_rank_memory

@@ -15,12 +15,18 @@ from megatron_m6.config import ConfigError, RunConfig, parse_args
 from megatron_m6.data.blending import parse_split
 from megatron_m6.data.dataset import M6PretrainDataset, MockDataset, build_data_loader
 from megatron_m6.model import M6
-from megatron_m6.parallel.pipeline_parallel import PipelineRunner, build_pipeline_stages
 from megatron_m6.model.attention import resolve_attention_backend
 from megatron_m6.model.moe import resolve_moe_dispatch_backend
-from megatron_m6.parallel import (ParallelDims, ParallelState, destroy_process_mesh, init_process_mesh,
-                                  parallel_dims, parallelize)
+from megatron_m6.parallel import (
+    ParallelDims,
+    ParallelState,
+    destroy_process_mesh,
+    init_process_mesh,
+    parallel_dims,
+    parallelize,
+)
 from megatron_m6.parallel.mesh import local_device, world_size_from_env
+from megatron_m6.parallel.pipeline_parallel import PipelineRunner, build_pipeline_stages
 from megatron_m6.precision import PARAMS_DTYPES, compute_dtype
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError

@@ -17,7 +17,6 @@ from megatron_m6.data.dataset import collate
 from megatron_m6.data.task_spec import IMAGE_TASKS, LAYOUT_SPECIAL_TOKENS, TASK_NAMES, TEXT_TASKS
 from megatron_m6.data.tasks import build_sample
 
-
 ALPHABET = "abcdefghijklmnopqrstuvwxyz我们的图片猫狗"
 
 

@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 from megatron_m6.config import ConfigError, parse_args
-from megatron_m6.data.blending import (epoch_permutation, parse_blend, parse_split, sample_index,
-                                       split_ranges)
+from megatron_m6.data.blending import epoch_permutation, parse_blend, parse_split, sample_index, split_ranges
 from megatron_m6.data.dataset import M6PretrainDataset, build_data_loader
 from megatron_m6.data.indexed import IndexedDatasetWriter
 from megatron_m6.data.task_spec import IMAGE_TASKS, TASK_NAMES

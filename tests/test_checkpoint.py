@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from megatron_m6.training.checkpoint import (Checkpointer, CheckpointError, latest_checkpoint,
-                                             load_model_weights)
+from megatron_m6.training.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, load_model_weights
 from tests.test_training import quiet_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,10 +3,16 @@ import random
 import numpy as np
 import pytest
 
-from megatron_m6.data.cleaning import (GARBLED, NOT_CHINESE, TOO_LONG, TOO_SHORT, Cleaner,
-                                       CleaningConfig, split_sentences)
-from megatron_m6.data.dedup import (EXACT_DUPLICATE, NEAR_DUPLICATE, Deduplicator, digest,
-                                    minhash)
+from megatron_m6.data.cleaning import (
+    GARBLED,
+    NOT_CHINESE,
+    TOO_LONG,
+    TOO_SHORT,
+    Cleaner,
+    CleaningConfig,
+    split_sentences,
+)
+from megatron_m6.data.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, Deduplicator, digest, minhash
 
 DOC = "今天早上下了一场小雨。空气变得很清新。路边的树叶上还挂着水珠。孩子们在院子里堆雪人，大人们忙着扫门前的雪。"
 

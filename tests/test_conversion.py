@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from megatron_m6.config import parse_args
-from megatron_m6.conversion import (ConversionError, checkpoint_to_release, release_to_checkpoint,
-                                    resnet_to_checkpoint)
+from megatron_m6.conversion import ConversionError, checkpoint_to_release, release_to_checkpoint, resnet_to_checkpoint
 from megatron_m6.inference import load_model
 from megatron_m6.model.resnet import ResNetFeatures
 from megatron_m6.pretrain import run, setup
@@ -45,7 +44,8 @@ def tp2_checkpoint(tmp_path_factory):
 def test_release_holds_the_checkpoint_weights_in_shards(tp2_checkpoint, tmp_path):
     release = tmp_path / "release"
     result = convert("to-release", "--load", str(tp2_checkpoint), "--output", str(release),
-                     "--max-shard-size", "60KB", "--vocab-file", os.path.join(REPO, "megatron_m6", "tokenizer", "vocab.txt"))
+                     "--max-shard-size", "60KB",
+                     "--vocab-file", os.path.join(REPO, "megatron_m6", "tokenizer", "vocab.txt"))
     assert result.returncode == 0, result.stderr
     index = json.loads((release / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

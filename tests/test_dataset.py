@@ -7,8 +7,15 @@ import torch
 from PIL import Image
 
 from megatron_m6.config import ConfigError, parse_args
-from megatron_m6.data.dataset import (IMAGENET_MEAN, IMAGENET_STD, M6PretrainDataset, MockDataset,
-                                      build_data_loader, collate, image_to_tensor)
+from megatron_m6.data.dataset import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    M6PretrainDataset,
+    MockDataset,
+    build_data_loader,
+    collate,
+    image_to_tensor,
+)
 from megatron_m6.data.indexed import IndexedDatasetError, IndexedDatasetWriter
 from megatron_m6.data.task_spec import IMAGE_TASKS, TASK_NAMES
 from megatron_m6.data.tasks import build_sample

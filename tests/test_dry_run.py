@@ -18,8 +18,7 @@ from megatron_m6.config import parse_args
 from megatron_m6.dry_run import LayoutError, dry_run
 from megatron_m6.model_size import layout_from_config
 from megatron_m6.parallel import init_process_mesh, parallel_dims
-from megatron_m6.parallel.memory import (RankCoordinates, RankParams, count_params, rank_param_counts,
-                                         rank_param_shapes)
+from megatron_m6.parallel.memory import RankCoordinates, RankParams, count_params, rank_param_counts, rank_param_shapes
 from tests.parallel_harness import TINY, run_parallel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +138,7 @@ def test_command_line_dry_run_prints_the_report():
                           "--world-size", str(world), "--rank", "37"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    lines = [l for l in out.stdout.splitlines() if l.startswith("dry run:")]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("dry run:")]
     assert len(lines) == 6 and "rank 37 of 512, layout TP1 PP1 EP64 DP512" in lines[0]
 
 

@@ -10,9 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_m6.data.indexed import (IMAGE_MODE, TEXT_MODE, IndexedDataset, IndexedDatasetError,
-                                      IndexedDatasetWriter, dataset_exists, decode_image_item,
-                                      encode_image_item, merge_datasets)
+from megatron_m6.data.indexed import (
+    IMAGE_MODE,
+    TEXT_MODE,
+    IndexedDataset,
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    dataset_exists,
+    decode_image_item,
+    encode_image_item,
+    merge_datasets,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -1,7 +1,5 @@
 """The fused prefix-LM attention kernel against a float64 reference, and its use in the model."""
 
-from tests.kernels_common import DEVICE, MATMUL_DTYPES, ON_GPU, TOL, fresh_generator, rel_err
-
 import importlib
 
 import pytest
@@ -12,6 +10,7 @@ from m6_kernels import reference
 from m6_kernels.attention import prefix_lm_attention
 from megatron_m6.model import M6, target_loss
 from tests.conftest import random_batch, tiny_config
+from tests.kernels_common import DEVICE, MATMUL_DTYPES, ON_GPU, TOL, fresh_generator, rel_err
 
 attn_module = importlib.import_module("megatron_m6.model.attention")
 

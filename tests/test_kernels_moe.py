@@ -1,8 +1,6 @@
 """Fused MoE dispatch (gating, permute, unpermute-and-combine) against float64 references, and
 the MoE layer on the fused path against its PyTorch path."""
 
-from tests.kernels_common import DEVICE, ON_GPU, TOL, fresh_generator, rel_err
-
 import pytest
 import torch
 
@@ -10,6 +8,7 @@ from m6_kernels import reference
 from m6_kernels.moe import permute, topk_gating, unpermute
 from megatron_m6.model.moe import MoEMLP, resolve_moe_dispatch_backend, use_fused_dispatch
 from tests.conftest import tiny_config
+from tests.kernels_common import DEVICE, ON_GPU, TOL, fresh_generator, rel_err
 
 # (tokens, experts, k, groups, capacity): plain top-k, prototypes, top-1 and top-3 with drops,
 # prototypes with drops. Every capacity case has more picks than slots (tokens * k > experts *

@@ -1,13 +1,12 @@
 """Fused LayerNorm and cross entropy against float64 references."""
 
-from tests.kernels_common import DEVICE, TOL, fresh_generator, rel_err
-
 import pytest
 import torch
 
 from m6_kernels import reference
 from m6_kernels.cross_entropy import cross_entropy
 from m6_kernels.norm import layer_norm
+from tests.kernels_common import DEVICE, TOL, fresh_generator, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -13,7 +13,7 @@ import torch
 from megatron_m6.config import parse_args
 from megatron_m6.pretrain import setup
 from tests.parallel_harness import MOE, TINY, first_step, run_parallel
-from tests.test_parallel import F64, FLOAT64_TOLERANCE, assert_close
+from tests.test_parallel import F64, assert_close
 
 # No clipping: the gradient compared is the objective's own. Four micro-batches per step on one
 # process (gradient accumulation), two per rank under DP2 and EP2, four through PP2's schedule.
@@ -67,6 +67,6 @@ def test_trainer_loss_and_gradient_scale_match_the_oracle(layout, oracle):
 def test_a_doubled_loss_fails_the_oracle(oracle):
     """The comparison can fail: the same run with every gradient and loss doubled does."""
     losses, grads = first_step(ORACLE)
-    doubled = ([2 * l for l in losses], [{n: 2 * g for n, g in step.items()} for step in grads])
+    doubled = ([2 * loss for loss in losses], [{n: 2 * g for n, g in step.items()} for step in grads])
     with pytest.raises(AssertionError, match="relative error"):
         assert_close(doubled, oracle, "doubled")

@@ -6,15 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from megatron_m6.config import PRESETS, ModelConfig
 from megatron_m6.model import M6
 from megatron_m6.model_size import main
-from megatron_m6.parallel.memory import (Layout, RankParams, estimate_rank_memory,
-                                         in_flight_micro_batches, layer_activation_bytes,
-                                         layer_stage, rank_param_counts, state_bytes)
-
-from conftest import tiny_config
+from megatron_m6.parallel.memory import (
+    Layout,
+    RankParams,
+    estimate_rank_memory,
+    in_flight_micro_batches,
+    layer_activation_bytes,
+    layer_stage,
+    rank_param_counts,
+    state_bytes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,6 @@ weight rounded to bf16, BatchNorm statistics kept in bf16); these dtypes can."""
 from collections import defaultdict
 
 import pytest
-import torch
 import torch.distributed as dist
 from torch import nn
 

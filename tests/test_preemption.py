@@ -118,7 +118,8 @@ def test_exit_duration_saves_and_exits_0(tmp_path):
     proc = torchrun(["--train-iters", "1000", "--save", str(save), "--exit-duration-in-mins", "0.001"])
     out = finish(proc, [])
     iteration = int(re.search(r"saved checkpoint at iteration (\d+), exiting", out).group(1))
-    assert f"trained for 0.001 minutes (--exit-duration-in-mins): saved checkpoint at iteration {iteration}, exiting" in out
+    assert (f"trained for 0.001 minutes (--exit-duration-in-mins): saved checkpoint at iteration {iteration}, "
+            "exiting") in out
     assert latest_checkpoint(str(save))[1]["iteration"] == iteration >= 1
 
 

@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_m6.data.sample_data import (CELL_NAMES, COLOUR_JITTER, COLOURS, COUNT_WORDS, SHAPES,
-                                          cell_box, draw_scene, make_sample_data, make_text_corpus)
+from megatron_m6.data.sample_data import (
+    CELL_NAMES,
+    COLOUR_JITTER,
+    COLOURS,
+    COUNT_WORDS,
+    SHAPES,
+    cell_box,
+    draw_scene,
+    make_sample_data,
+    make_text_corpus,
+)
 from megatron_m6.tokenizer import M6Tokenizer, build_vocab
 
 CAPTION_RE = re.compile(f"^({'|'.join(CELL_NAMES)})有({'|'.join(COUNT_WORDS)})个"
@@ -88,7 +97,7 @@ def test_make_sample_data(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp")), "temporary files left behind"
     captions = []
     for split, n in (("train", 20), ("test", 5)):
-        rows = [json.loads(l) for l in (tmp_path / f"captions_{split}.jsonl").read_text("utf-8").splitlines()]
+        rows = [json.loads(line) for line in (tmp_path / f"captions_{split}.jsonl").read_text("utf-8").splitlines()]
         assert len(rows) == n
         for i, row in enumerate(rows):
             assert set(row) == {"image", "text"} and row["image"] == f"images/{split}_{i:05d}.png"
@@ -96,7 +105,7 @@ def test_make_sample_data(tmp_path):
             with Image.open(tmp_path / row["image"]) as img:
                 assert img.size == (64, 64) and img.mode == "RGB"
             captions.append(row["text"])
-    docs = [json.loads(l) for l in (tmp_path / "text.jsonl").read_text("utf-8").splitlines()]
+    docs = [json.loads(line) for line in (tmp_path / "text.jsonl").read_text("utf-8").splitlines()]
     assert len(docs) == 50 and all(set(d) == {"text"} and d["text"] for d in docs)
     tok = M6Tokenizer.from_vocab_file(str(tmp_path / "vocab.txt"))
     assert tok.vocab_size == summary["vocab_size"]

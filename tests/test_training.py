@@ -32,7 +32,7 @@ def test_resume_equals_a_run_that_never_stopped(tmp_path, moe):
 def test_log_line_has_every_field_and_loss_falls():
     lines = []
     trainer = quiet_run(["--train-iters", "30", "--log-interval", "10", "--lr", "3e-3"], lines)
-    logs = [l for l in lines if l.startswith("iteration")]
+    logs = [line for line in lines if line.startswith("iteration")]
     assert len(logs) == 3
     for field in ("loss", "lr", "grad norm", "tokens/s", "samples/s"):
         assert field in logs[0]
@@ -43,7 +43,7 @@ def test_log_line_has_every_field_and_loss_falls():
 def test_moe_aux_loss_is_logged(tmp_path):
     lines = []
     quiet_run(["--train-iters", "2", "--num-experts", "4", "--tensorboard-dir", str(tmp_path)], lines)
-    assert any("moe aux" in l for l in lines)
+    assert any("moe aux" in line for line in lines)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()

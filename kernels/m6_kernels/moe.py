@@ -290,7 +290,8 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _gather_sum(src: torch.Tensor, dest: torch.Tensor, gate: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def _gather_sum(src: torch.Tensor, dest: torch.Tensor, gate: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
     T, K = dest.shape
     H = src.shape[1]
     out = torch.empty(T, H, device=src.device, dtype=out_dtype)
@@ -349,7 +350,8 @@ def permute(x: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
     return _Permute.apply(x, _check_dest(dest), num_rows)
 
 
-def unpermute(y: torch.Tensor, dest: torch.Tensor, gate: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def unpermute(y: torch.Tensor, dest: torch.Tensor, gate: torch.Tensor,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Expert outputs y [num_rows, H] back to tokens, combined: out[t] = sum_r gate[t, r] * y[dest[t, r]]
     (fp32 sums, `out_dtype`, default y's). Differentiable in y and gate."""
     return _Unpermute.apply(y, _check_dest(dest), gate.float().contiguous(), out_dtype or y.dtype)

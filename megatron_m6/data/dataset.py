@@ -16,8 +16,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from megatron_m6.data.blending import (SPLIT_NAMES, epoch_permutation, parse_blend, parse_split,
-                                       sample_index, split_ranges)
+from megatron_m6.data.blending import (
+    SPLIT_NAMES,
+    epoch_permutation,
+    parse_blend,
+    parse_split,
+    sample_index,
+    split_ranges,
+)
 from megatron_m6.data.indexed import TEXT_MODE, IndexedDataset, IndexedDatasetError
 from megatron_m6.data.task_spec import IMAGE_TASKS, LAYOUT_SPECIAL_TOKENS, MIN_TEXT_TOKENS, TASK_NAMES, TEXT_TASKS
 from megatron_m6.data.tasks import build_sample

@@ -29,8 +29,7 @@ import numpy as np
 from megatron_m6.data.cleaning import Cleaner, CleaningConfig, split_sentences
 from megatron_m6.data.dedup import Deduplicator, digest, minhash
 from megatron_m6.data.images import load_image_bytes, prepare_image
-from megatron_m6.data.indexed import (MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets,
-                                      token_dtype)
+from megatron_m6.data.indexed import MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets, token_dtype
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 
 INVALID_UTF8, BAD_JSON, MISSING_KEY, EMPTY_FILE, EMPTY_TEXT = (

@@ -12,8 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_m6.data.task_spec import (DENOISING_TASKS, IMAGE_TASKS, LAYOUT_SPECIAL_TOKENS, TASK_NAMES,
-                                        min_seq_length, min_text_tokens)
+from megatron_m6.data.task_spec import (
+    DENOISING_TASKS,
+    IMAGE_TASKS,
+    LAYOUT_SPECIAL_TOKENS,
+    TASK_NAMES,
+    min_seq_length,
+    min_text_tokens,
+)
 
 NOISE_DENSITY = 0.15
 MEAN_SPAN = 3.0

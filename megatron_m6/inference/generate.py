@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from megatron_m6.conversion import is_release, load_release_weights, model_config_from_dict, release_config
 from megatron_m6.data.dataset import image_to_tensor
 from megatron_m6.model import M6, KVCache
 from megatron_m6.precision import fp32_or_wider
-from megatron_m6.conversion import is_release, load_release_weights, model_config_from_dict, release_config
 from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
 
 

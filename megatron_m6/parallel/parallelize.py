@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist

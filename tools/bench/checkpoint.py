@@ -142,9 +142,9 @@ def main() -> None:
     report("DCP async save, next: training stalled for", stall, size, "refills the CPU copy")
     report("DCP async save, next: published after", total, size)
     for i in range(args.repeat):  # back to back: the disk still writes back the previous save
-        sync_s = timed(lambda: Checkpointer(sync_dir, keep_last=1).save(10 + i, model, optimizer, meta))
+        sync_s = timed(lambda i=i: Checkpointer(sync_dir, keep_last=1).save(10 + i, model, optimizer, meta))
         saver = Checkpointer(async_dir, async_save=True, keep_last=1)
-        stall = timed(lambda: saver.save(10 + i, model, optimizer, meta))
+        stall = timed(lambda i=i, saver=saver: saver.save(10 + i, model, optimizer, meta))
         total = stall + timed(saver.close)
         report(f"back to back #{i + 1}: DCP sync save", sync_s, size)
         report(f"back to back #{i + 1}: DCP async save published", total, size, f"stalled {stall:.2f} s")

@@ -17,8 +17,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from tests.parallel_harness import MOE, run_parallel  # noqa: E402
-from tests.test_parallel import (FOUR_LAYERS, LAYOUTS, MOE_LAYOUTS, PIPELINE_LAYOUTS,  # noqa: E402
-                                 PIPELINE_MOE_LAYOUTS, PRECISION_FLAGS, reference, relative_errors)
+from tests.test_parallel import (  # noqa: E402
+    FOUR_LAYERS,
+    LAYOUTS,
+    MOE_LAYOUTS,
+    PIPELINE_LAYOUTS,
+    PIPELINE_MOE_LAYOUTS,
+    PRECISION_FLAGS,
+    reference,
+    relative_errors,
+)
 
 EPS = {"float64": torch.finfo(torch.float64).eps, "fp32": torch.finfo(torch.float32).eps,
        "bf16": torch.finfo(torch.bfloat16).eps}

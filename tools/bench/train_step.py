@@ -11,7 +11,6 @@ image FLOPs are not included, so utilisation is slightly understated for image b
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from megatron_m6.config import config_from_args, build_parser, validate  # noqa: E402
+from megatron_m6.config import build_parser, config_from_args, validate  # noqa: E402
 from megatron_m6.data.dataset import MockDataset, build_data_loader  # noqa: E402
 from megatron_m6.model import M6  # noqa: E402
 from megatron_m6.model_size import train_flops_per_token  # noqa: E402

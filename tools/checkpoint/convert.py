@@ -20,8 +20,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path[:0] = [REPO, os.path.join(REPO, "kernels")]
 
 from megatron_m6.config import ConfigError, parse_args
-from megatron_m6.conversion import (DTYPES, ConversionError, checkpoint_to_release,
-                                    release_to_checkpoint, resnet_to_checkpoint)
+from megatron_m6.conversion import (
+    DTYPES,
+    ConversionError,
+    checkpoint_to_release,
+    release_to_checkpoint,
+    resnet_to_checkpoint,
+)
 from megatron_m6.pretrain import padded_vocab_size
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint
