@@ -138,6 +138,7 @@ class RunConfig:
     eval_interval: int | None = None
     eval_iters: int = 10
     log_interval: int = 10
+    peak_tflops: float | None = None  # MFU's denominator per GPU (default: device table or measured)
     tensorboard_dir: str | None = None
     device: Device = "auto"
     # Parallelism: data parallel is what remains of the world size (see megatron_m6/parallel).
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=get_args(Device),
                    help="auto: this rank's GPU when CUDA is available, else the CPU")
     g.add_argument("--log-interval", type=int, help="steps between log lines")
+    g.add_argument("--peak-tflops", type=float,
+                   help="peak TFLOP/s of one device in the compute dtype, for the logged MFU (default: a table of "
+                        "known GPUs, else a matmul timed at start-up)")
     g.add_argument("--eval-interval", type=int,
                    help="steps between validations on the --split's validation share")
     g.add_argument("--eval-iters", type=int, help="micro-batches per rank in one validation")
@@ -440,6 +444,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--exit-duration-in-mins must be positive")
     if cfg.distributed_timeout_minutes <= 0:
         raise ConfigError("--distributed-timeout-minutes must be positive")
+    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
+        raise ConfigError("--peak-tflops must be positive")
     if cfg.dry_run and (cfg.world_size is None or cfg.rank is None):
         raise ConfigError("--dry-run needs --world-size N and --rank R")
     if (cfg.world_size is not None or cfg.rank is not None) and not cfg.dry_run:

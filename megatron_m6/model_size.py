@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_m6.config import ConfigError, ModelConfig, RunConfig, build_parser, config_from_args
 from megatron_m6.model import M6
+from megatron_m6.model.m6 import Embedding
 from megatron_m6.model.moe import MoEMLP
 from megatron_m6.parallel.memory import Layout, estimate_rank_memory
 
@@ -56,6 +57,13 @@ class _ActiveMoE(torch.nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x))) + 0 * self.router(x).sum(), x.new_zeros(())
 
 
+def _count_flops(forward_backward) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        forward_backward()
+    return counter.get_total_flops()
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     """Forward + backward FLOPs for one text-only sequence, divided by its length."""
     with torch.device("meta"):
@@ -66,11 +74,20 @@ def train_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
         tokens = torch.zeros(1, seq_length, dtype=torch.long)
         prefix = torch.tensor([seq_length // 2])
         valid = torch.tensor([seq_length])
-        counter = FlopCounterMode(display=False)
-        with counter:
+
+        def step():
             logits, aux = model(tokens, prefix, valid)
             (logits.float().sum() + aux).backward()
-    return counter.get_total_flops() / seq_length
+        return _count_flops(step) / seq_length
+
+
+def image_train_flops(cfg: ModelConfig) -> float:
+    """What one image adds to its sequence's forward + backward FLOPs: the image encoder and the
+    patch projection (its patch tokens take positions the per-token count already has)."""
+    with torch.device("meta"):
+        embedding = Embedding(cfg)
+        images = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
+        return _count_flops(lambda: embedding.image_tokens(images).float().sum().backward())
 
 
 def model_size(cfg: RunConfig) -> ModelSize:

@@ -4,6 +4,7 @@ evaluation, NaN detection and exact-resume checkpoints."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -22,6 +23,7 @@ from megatron_m6.training import checkpoint as ckpt
 from megatron_m6.training.loss_sums import LossSums
 from megatron_m6.training.preemption import StopAgreement
 from megatron_m6.training.schedule import learning_rate
+from megatron_m6.training.throughput import PeakFlops, StepFlops, device_peak
 
 
 class TrainingError(RuntimeError):
@@ -55,6 +57,7 @@ class StepStats:
     grad_norm: torch.Tensor = field(init=False)  # summed per-step gradient norm
     tokens: int = 0  # counted from the batches on the host, before they move to the device
     samples: int = 0
+    images: int = 0  # image samples
     micro_batches: int = 0  # of this rank
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
@@ -86,6 +89,17 @@ class Trainer:
         if cfg.tensorboard_dir and self.parallel.is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(cfg.tensorboard_dir)
+
+    # Counted and measured at the first log line, so a run that never logs pays nothing.
+    @functools.cached_property
+    def _model_flops(self) -> StepFlops:
+        return StepFlops.of(self.cfg)
+
+    @functools.cached_property
+    def _peak(self) -> PeakFlops:
+        peak = device_peak(self.cfg, self.device)
+        self.log(f"MFU against {peak.tflops:.4g} TFLOP/s per device: {peak.source}")
+        return peak
 
     # -- one step ---------------------------------------------------------------------------
     def _autocast(self):
@@ -132,6 +146,7 @@ class Trainer:
         for batch in micro_batches:  # host tensors: no device read
             stats.tokens += int(batch["valid_len"].sum())
             stats.samples += batch["tokens"].shape[0]
+            stats.images += int(batch["has_image"].sum())
         stats.micro_batches += len(micro_batches)
         if parallel.pipeline is not None:
             step = self._pipeline_forward_backward(micro_batches, total_targets)
@@ -232,11 +247,11 @@ class Trainer:
         elapsed = time.perf_counter() - s.start
         # The loss sums and the host's counts summed over DP ranks in one all-reduce; the gradient
         # norm is the same on every rank.
-        counts = torch.tensor([s.tokens, s.samples], dtype=torch.float64, device=self.device)
+        counts = torch.tensor([s.tokens, s.samples, s.images], dtype=torch.float64, device=self.device)
         totals = self.parallel.all_reduce_dp(torch.cat([s.sums.to_tensor(), counts]))
         totals = torch.cat([totals, s.grad_norm[None]]).cpu()  # the interval's one read of the device
-        sums = LossSums.from_tensor(totals[:-3])
-        tokens, samples, grad_norm = totals[-3:].tolist()
+        sums = LossSums.from_tensor(totals[:-4])
+        tokens, samples, images, grad_norm = totals[-4:].tolist()
         aux = float(sums.aux) / (self.parallel.dims.dp * s.micro_batches)  # mean per micro-batch
         grad_norm /= s.steps
         task_tokens = sums.task_tokens
@@ -249,6 +264,15 @@ class Trainer:
         lr = learning_rate(self.cfg, self.iteration - 1)
         parts += [f"lr {lr:.3e}", f"grad norm {grad_norm:.3f}",
                   f"tokens/s {tokens / elapsed:.0f}", f"samples/s {samples / elapsed:.1f}"]
+        tflops = self._model_flops(samples, images) / self.parallel.dims.world_size / elapsed / 1e12
+        mfu = tflops / self._peak.tflops
+        parts += [f"TFLOP/s/GPU {tflops:.4g}", f"MFU {100 * mfu:.3g}%"]
+        memory = {}
+        if self.device.type == "cuda":
+            memory = {"max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                      "max_reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30}
+            parts.append("peak memory {max_allocated_gib:.1f} GiB allocated, {max_reserved_gib:.1f} GiB reserved"
+                         .format(**memory))
         self.log(" | ".join(parts))
         if self.writer:
             it = self.iteration
@@ -261,6 +285,10 @@ class Trainer:
             self.writer.add_scalar("grad_norm", grad_norm, it)
             self.writer.add_scalar("throughput/tokens_per_s", tokens / elapsed, it)
             self.writer.add_scalar("throughput/samples_per_s", samples / elapsed, it)
+            self.writer.add_scalar("throughput/tflops_per_gpu", tflops, it)
+            self.writer.add_scalar("throughput/mfu", mfu, it)
+            for name, gib in memory.items():
+                self.writer.add_scalar(f"memory/{name}", gib, it)
 
     @torch.no_grad()
     def evaluate(self) -> float:
