@@ -249,6 +249,8 @@ class Trainer:
         # norm is the same on every rank.
         counts = torch.tensor([s.tokens, s.samples, s.images], dtype=torch.float64, device=self.device)
         totals = self.parallel.all_reduce_dp(torch.cat([s.sums.to_tensor(), counts]))
+        if not self.parallel.is_logging_rank:  # it took part in the all-reduce; the rest is the log's
+            return
         totals = torch.cat([totals, s.grad_norm[None]]).cpu()  # the interval's one read of the device
         sums = LossSums.from_tensor(totals[:-4])
         tokens, samples, images, grad_norm = totals[-4:].tolist()
