@@ -140,7 +140,17 @@ class RunConfig:
     log_interval: int = 10
     peak_tflops: float | None = None  # MFU's denominator per GPU (default: device table or measured)
     tensorboard_dir: str | None = None
+    log_timers_to_tensorboard: bool = False
     device: Device = "auto"
+    # Speed: compilation, and where the time and memory go (megatron_m6/training/profiling.py).
+    compile: bool = False  # torch.compile each transformer block
+    profile: bool = False
+    profile_step_start: int = 10  # torch.profiler records steps start .. end - 1
+    profile_step_end: int = 12
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    profile_dir: str | None = None  # default: --tensorboard-dir, else ./profiles
+    record_memory_history: bool = False  # CUDA allocator history, dumped as a snapshot
+    memory_snapshot_step: int | None = None  # the step after which the snapshot is dumped
     # Parallelism: data parallel is what remains of the world size (see megatron_m6/parallel).
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -270,6 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float,
                    help="peak TFLOP/s of one device in the compute dtype, for the logged MFU (default: a table of "
                         "known GPUs, else a matmul timed at start-up)")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true", default=None,
+                   help="also write the data-wait, forward-backward, optimizer and bubble times "
+                        "to TensorBoard (they are always in the log line)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each transformer block (the fused attention kernel is a "
+                        "graph break)")
+    g.add_argument("--profile", action="store_true", default=None,
+                   help="record a torch.profiler trace (TensorBoard or Perfetto) of steps "
+                        "--profile-step-start .. --profile-step-end - 1")
+    g.add_argument("--profile-step-start", type=int, help="first profiled step (default 10)")
+    g.add_argument("--profile-step-end", type=int, help="the step at which profiling stops (default 12)")
+    g.add_argument("--profile-ranks", type=int, nargs="+", help="global ranks that profile (default 0)")
+    g.add_argument("--profile-dir", type=str,
+                   help="folder for traces and memory snapshots (default: --tensorboard-dir, else ./profiles)")
+    g.add_argument("--record-memory-history", action="store_true", default=None,
+                   help="CUDA only: record the allocator's history and dump a snapshot at "
+                        "--memory-snapshot-step and on out-of-memory (open at pytorch.org/memory_viz)")
+    g.add_argument("--memory-snapshot-step", type=int,
+                   help="with --record-memory-history: dump the snapshot after this step "
+                        "(default: only on out-of-memory)")
     g.add_argument("--eval-interval", type=int,
                    help="steps between validations on the --split's validation share")
     g.add_argument("--eval-iters", type=int, help="micro-batches per rank in one validation")
@@ -446,6 +476,22 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--distributed-timeout-minutes must be positive")
     if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
         raise ConfigError("--peak-tflops must be positive")
+    if cfg.log_timers_to_tensorboard and not cfg.tensorboard_dir:
+        raise ConfigError("--log-timers-to-tensorboard needs --tensorboard-dir")
+    if cfg.profile:
+        if not 1 <= cfg.profile_step_start < cfg.profile_step_end:
+            raise ConfigError(f"--profile-step-start {cfg.profile_step_start} and --profile-step-end "
+                              f"{cfg.profile_step_end}: need 1 <= start < end (steps start .. end - 1 are traced)")
+        if cfg.profile_step_start > cfg.train_iters:
+            raise ConfigError(f"--profile-step-start {cfg.profile_step_start} is after the last step "
+                              f"(--train-iters {cfg.train_iters}): nothing would be profiled")
+        if not cfg.profile_ranks or min(cfg.profile_ranks) < 0:
+            raise ConfigError("--profile-ranks needs one or more ranks >= 0")
+    if cfg.memory_snapshot_step is not None:
+        if not cfg.record_memory_history:
+            raise ConfigError("--memory-snapshot-step needs --record-memory-history")
+        if cfg.memory_snapshot_step < 1:
+            raise ConfigError("--memory-snapshot-step must be at least 1")
     if cfg.dry_run and (cfg.world_size is None or cfg.rank is None):
         raise ConfigError("--dry-run needs --world-size N and --rank R")
     if (cfg.world_size is not None or cfg.rank is not None) and not cfg.dry_run:
@@ -494,6 +540,8 @@ def validate_layout(cfg: RunConfig, world_size: int) -> None:
         (cfg.global_batch_size % (cfg.micro_batch_size * dp),
          f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
          f"{cfg.micro_batch_size} x data-parallel size {dp}"),
+        (cfg.profile and max(cfg.profile_ranks) >= world_size,
+         f"--profile-ranks {' '.join(map(str, cfg.profile_ranks))}: the job has ranks 0 .. {world_size - 1}"),
     ]
     for failed, message in checks:
         if failed:
