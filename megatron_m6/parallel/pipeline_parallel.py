@@ -19,6 +19,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.autograd.profiler import record_function
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
     PipelineStage,
@@ -32,6 +33,7 @@ from megatron_m6.model.m6 import M6, text_positions
 from megatron_m6.parallel.tensor_parallel import token_losses
 from megatron_m6.precision import PARAMS_DTYPES, compute_dtype, fp32_or_wider, to_compute_dtype
 from megatron_m6.training.loss_sums import LossSums
+from megatron_m6.training.timers import IntervalTimer
 
 
 def stages_of_rank(pp_rank: int, pp: int, num_layers: int, layers_per_virtual_stage: int | None) -> list[int]:
@@ -80,12 +82,33 @@ def _send(stage: M6, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> 
     return to_compute_dtype(hidden), aux
 
 
+class TimedStage(PipelineStage):
+    """A PipelineStage that times its compute and names it for the profiler: the time the
+    schedule spends outside these calls (and the loss) is the bubble, waiting for other stages."""
+
+    def __init__(self, *args, timer: IntervalTimer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timer = timer
+
+    def forward_one_chunk(self, *args, **kwargs):
+        with self.timer(), record_function("forward"):
+            return super().forward_one_chunk(*args, **kwargs)
+
+    def backward_one_chunk(self, *args, **kwargs):
+        with self.timer(), record_function("backward"):
+            return super().backward_one_chunk(*args, **kwargs)
+
+    def backward_weight_one_chunk(self, *args, **kwargs):  # the zero-bubble schedule's W step
+        with self.timer(), record_function("backward"):
+            return super().backward_weight_one_chunk(*args, **kwargs)
+
+
 class PipelineLoss:
     """The last stage's loss per micro-batch, and the sums the trainer logs. Targets travel
     packed as [micro-batch, 3, S]: labels, loss mask, task id."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, timer: IntervalTimer):
+        self.device, self.timer = device, timer
         self.scale = torch.ones((), device=device)  # dp / global target count, set per step
         self.aux_scale = 1.0  # 1 / micro-batches per rank
         self.reset()
@@ -94,10 +117,11 @@ class PipelineLoss:
         self.sums = LossSums.zeros(self.device)
 
     def __call__(self, output, target: torch.Tensor) -> torch.Tensor:
-        logits, aux = output
-        labels, mask, task = target[:, 0], target[:, 1].float(), target[:, 2, 0]
-        loss_sum = self.sums.add(token_losses(logits, labels), mask, task, aux)
-        return loss_sum * self.scale.to(loss_sum.dtype) + aux.sum() * self.aux_scale
+        with self.timer(), record_function("forward"):
+            logits, aux = output
+            labels, mask, task = target[:, 0], target[:, 1].float(), target[:, 2, 0]
+            loss_sum = self.sums.add(token_losses(logits, labels), mask, task, aux)
+            return loss_sum * self.scale.to(loss_sum.dtype) + aux.sum() * self.aux_scale
 
 
 class PipelineRunner:
@@ -113,13 +137,15 @@ class PipelineRunner:
             pp_groups, timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
         self.is_first = 0 in stage_ids
         self.num_micro_batches = num_micro_batches
-        self.loss = PipelineLoss(device)
+        self.compute_timer = IntervalTimer(device)  # this rank's stages' forward, backward and loss
+        self.loss = PipelineLoss(device, self.compute_timer)
         # Shapes given up front (static metadata): the library would otherwise infer them with
         # an extra forward on uninitialised buffers, which also moves BatchNorm statistics and
         # the dropout RNG away from a run without pipelining.
-        pipe_stages = [PipelineStage(m, s, num_stages, device, group=mesh["pp"].get_group(),
-                                     input_args=stage_inputs(m, cfg, mesh["tp"].size()),
-                                     output_args=stage_outputs(m, cfg, mesh["tp"].size()))
+        pipe_stages = [TimedStage(m, s, num_stages, device, group=mesh["pp"].get_group(),
+                                  input_args=stage_inputs(m, cfg, mesh["tp"].size()),
+                                  output_args=stage_outputs(m, cfg, mesh["tp"].size()),
+                                  timer=self.compute_timer)
                        for m, s in zip(stages, stage_ids)]
         schedule = cfg.pipeline_schedule
         if schedule == "zero_bubble":
@@ -155,7 +181,8 @@ class PipelineRunner:
     def evaluate(self, micro_batches: list[dict], cfg: ModelConfig) -> LossSums:
         args, kwargs, target = self._inputs(micro_batches, cfg.num_image_tokens)
         self.loss.reset()
-        self.schedule.eval(*args, target=target, **kwargs)
+        with self.compute_timer.paused():  # the bubble is of training steps
+            self.schedule.eval(*args, target=target, **kwargs)
         return self._loss_sums()
 
     def _loss_sums(self) -> LossSums:

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from megatron_m6.config import RunConfig
 from megatron_m6.data.task_spec import TASK_NAMES
@@ -22,8 +24,10 @@ from megatron_m6.precision import PARAMS_DTYPES
 from megatron_m6.training import checkpoint as ckpt
 from megatron_m6.training.loss_sums import LossSums
 from megatron_m6.training.preemption import StopAgreement
+from megatron_m6.training.profiling import StepProfiler
 from megatron_m6.training.schedule import learning_rate
 from megatron_m6.training.throughput import PeakFlops, StepFlops, device_peak
+from megatron_m6.training.timers import StepTimers, slowest_rank
 
 
 class TrainingError(RuntimeError):
@@ -85,6 +89,8 @@ class Trainer:
                                              timedelta(minutes=cfg.distributed_timeout_minutes))
                              if cfg.save else None)
         self.early_stop = StopAgreement(cfg)  # --exit-signal-handler, --exit-duration-in-mins
+        self.timers = StepTimers(device)
+        self.profiler = StepProfiler(cfg, device, dist.get_rank() if dist.is_initialized() else 0, log)
         self.writer = None
         if cfg.tensorboard_dir and self.parallel.is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
@@ -148,15 +154,17 @@ class Trainer:
             stats.samples += batch["tokens"].shape[0]
             stats.images += int(batch["has_image"].sum())
         stats.micro_batches += len(micro_batches)
-        if parallel.pipeline is not None:
-            step = self._pipeline_forward_backward(micro_batches, total_targets)
-        else:
-            step = self._forward_backward_micro_batches(micro_batches, total_targets)
+        with self.timers.forward_backward():
+            if parallel.pipeline is not None:
+                step = self._pipeline_forward_backward(micro_batches, total_targets)
+            else:
+                step = self._forward_backward_micro_batches(micro_batches, total_targets)
         stats.sums += step  # before the all-reduce below sums step.loss in place
-        parallel.finish_grad_sync(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = parallel.clip_grad_norm_(params, self.cfg.clip_grad or math.inf)
-        step_loss_t = parallel.all_reduce_dp(step.loss) / total_targets
+        with self.timers.grad_sync(), record_function("communication"):
+            parallel.finish_grad_sync(self.model)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = parallel.clip_grad_norm_(params, self.cfg.clip_grad or math.inf)
+            step_loss_t = parallel.all_reduce_dp(step.loss) / total_targets
         stats.grad_norm += grad_norm.detach().double()
         stats.steps += 1
         step_loss, norm = torch.stack([step_loss_t, grad_norm.detach().double()]).tolist()
@@ -178,12 +186,13 @@ class Trainer:
         parallel, n = self.parallel, len(micro_batches)
         sums = LossSums.zeros(self.device)
         for i, batch in enumerate(micro_batches):
-            batch = self._to_device(batch)
             with parallel.loss_context():
-                loss_sum, aux = self.forward_loss(batch, sums)
-                loss = loss_sum / total_targets.to(loss_sum.dtype) * parallel.dims.dp + aux / n
+                with record_function("forward"):
+                    loss_sum, aux = self.forward_loss(self._to_device(batch), sums)
+                    loss = loss_sum / total_targets.to(loss_sum.dtype) * parallel.dims.dp + aux / n
                 parallel.before_backward(self.model, last_micro_batch=i == n - 1)
-                loss.backward()
+                with record_function("backward"):
+                    loss.backward()
         return sums
 
     def _pipeline_forward_backward(self, micro_batches: list[dict], total_targets: torch.Tensor) -> LossSums:
@@ -195,8 +204,9 @@ class Trainer:
                 scale=self.parallel.dims.dp / total_targets)
 
     def optimizer_step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timers.optimizer(), record_function("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
         self.consumed_samples += self.cfg.global_batch_size
 
@@ -206,6 +216,7 @@ class Trainer:
         try:
             self._train(iter(train_loader))
         finally:  # a background save still in flight is finished, even when training failed
+            self.profiler.close()
             self.finish_saving()
         if self.writer:
             self.writer.close()
@@ -215,10 +226,16 @@ class Trainer:
         cfg, stats, saved = self.cfg, StepStats(self.device), False
         with self.early_stop:
             while self.iteration < cfg.train_iters:
-                micro = list(itertools.islice(batches, self.num_micro_batches))
+                self.profiler.before_step(self.iteration + 1)
+                with self.timers.data_wait(), record_function("data_wait"):
+                    micro = list(itertools.islice(batches, self.num_micro_batches))
                 if len(micro) < self.num_micro_batches:
                     raise TrainingError(f"data ran out at iteration {self.iteration + 1}")
-                self.train_step(micro, stats)
+                try:
+                    self.train_step(micro, stats)
+                except torch.OutOfMemoryError as e:
+                    raise self._out_of_memory(e) from e
+                self.profiler.after_step(self.iteration)
                 if self.checkpointer:
                     self._log_published(self.checkpointer.poll())
                 if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
@@ -243,8 +260,21 @@ class Trainer:
             if cfg.save and not saved:
                 self.save()
 
+    def _out_of_memory(self, error: torch.OutOfMemoryError) -> TrainingError:
+        """One clear error for an out-of-memory step, with the memory snapshot when recording."""
+        snapshot = self.profiler.dump_memory_snapshot("oom")
+        where = (f"memory snapshot written to {snapshot} (open it at https://pytorch.org/memory_viz)"
+                 if snapshot else "--record-memory-history shows where the memory goes")
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+        return TrainingError(f"out of memory at iteration {self.iteration + 1}: {first_line}; {where}; "
+                             "try --recompute-granularity, a smaller --micro-batch-size or more "
+                             "model-parallel ranks")
+
     def log_stats(self, s: StepStats) -> None:
         elapsed = time.perf_counter() - s.start
+        pipeline = self.parallel.pipeline
+        timers = slowest_rank(self.timers.pop_seconds(pipeline.compute_timer.pop_seconds() if pipeline else None),
+                              self.device)
         # The loss sums and the host's counts summed over DP ranks in one all-reduce; the gradient
         # norm is the same on every rank.
         counts = torch.tensor([s.tokens, s.samples, s.images], dtype=torch.float64, device=self.device)
@@ -276,6 +306,8 @@ class Trainer:
             parts.append("peak memory {max_allocated_gib:.1f} GiB allocated, {max_reserved_gib:.1f} GiB reserved"
                          .format(**memory))
         self.log(" | ".join(parts))
+        ms = {name: 1e3 * seconds / s.steps for name, seconds in timers.items()}  # per step
+        self.log("time per step, slowest rank (ms): " + " | ".join(f"{name} {t:.1f}" for name, t in ms.items()))
         if self.writer:
             it = self.iteration
             self.writer.add_scalar("loss/total", mean, it)
@@ -291,6 +323,9 @@ class Trainer:
             self.writer.add_scalar("throughput/mfu", mfu, it)
             for name, gib in memory.items():
                 self.writer.add_scalar(f"memory/{name}", gib, it)
+            if self.cfg.log_timers_to_tensorboard:
+                for name, t in ms.items():
+                    self.writer.add_scalar(f"timers/{name}_ms", t, it)
 
     @torch.no_grad()
     def evaluate(self) -> float:
