@@ -12,6 +12,15 @@ the model goes through `attention()`, and this is where the backend is chosen
 
 The fused kernel does not do dropout or KV-cache decoding (queries offset from keys); those calls,
 and any the kernel cannot take (head dim, dtype, no Triton), run on sdpa.
+
+Under `--compile` (blocks compiled in megatron_m6/parallel/parallelize.py) the fused kernel is an
+explicit graph break (`torch.compiler.disable`): it is an autograd.Function that launches its
+Triton kernels itself (through the interpreter on CPU), already one fused kernel per pass, so
+Inductor has nothing to fuse into it; tracing it would need it registered as a custom op
+(torch.library.triton_op) in m6_kernels. What is around it (projections, rotary, norms, MLP) is
+compiled; sdpa compiles without a break. The "attention" profiler range is dropped from compiled code (Dynamo
+treats record_function as a no-op there unless `torch._dynamo.config.capture_profiler_record_function`
+is set, and that setting cannot have a graph break inside the range).
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ def prefix_lm_mask(prefix_len: torch.Tensor, valid_len: torch.Tensor, q_len: int
     return ((j < valid) & ((j < prefix) | (j <= i)))[:, None]
 
 
+# A constant to torch.compile, which would otherwise trace into Triton's environment lookups
+# and break the graph there: the answer depends only on its arguments and this process's Triton.
+@torch.compiler.assume_constant_result
 def fused_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """None when the fused kernel can run here; otherwise why not, in a few words."""
     if kernel_runtime is None:
@@ -94,19 +106,26 @@ def _flex(q, k, v, prefix_len, valid_len, q_start):
     return (_compiled_flex() if q.is_cuda else flex_attention)(q, k, v, block_mask=block_mask)
 
 
+@torch.compiler.disable
+def _fused(q, k, v, prefix_len, valid_len):
+    """The Triton kernel, run eagerly under torch.compile (see the module docstring)."""
+    from m6_kernels.attention import prefix_lm_attention
+
+    return prefix_lm_attention(q, k, v, prefix_len, valid_len)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
               valid_len: torch.Tensor, q_start: int = 0, dropout_p: float = 0.0,
               backend: str = "auto") -> torch.Tensor:
     """Masked scaled dot-product attention. q: [B, H, Sq, D]; k, v: [B, H, Sk, D]."""
     chosen = _pick(backend, q, k, v, q_start, dropout_p)
-    if chosen == "fused":
-        from m6_kernels.attention import prefix_lm_attention
-
-        return prefix_lm_attention(q, k, v, prefix_len, valid_len)
-    if chosen == "flex":
-        return _flex(q, k, v, prefix_len, valid_len, q_start)
-    mask = prefix_lm_mask(prefix_len, valid_len, q.shape[2], k.shape[2], q_start)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    with torch.profiler.record_function("attention"):
+        if chosen == "fused":
+            return _fused(q, k, v, prefix_len, valid_len)
+        if chosen == "flex":
+            return _flex(q, k, v, prefix_len, valid_len, q_start)
+        mask = prefix_lm_mask(prefix_len, valid_len, q.shape[2], k.shape[2], q_start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def resolve_attention_backend(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> str:

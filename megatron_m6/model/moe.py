@@ -15,6 +15,12 @@ Two implementations, chosen by `ModelConfig.moe_dispatch_backend` (`--moe-dispat
 gating with capacity positions, permute, unpermute-and-combine; no sort). "auto" is fused on CUDA
 when Triton is there, torch otherwise. The expert GEMMs are grouped (torch._grouped_mm) for bf16
 on CUDA, one matmul per expert elsewhere.
+
+Under `--compile` (blocks compiled in megatron_m6/parallel/parallelize.py) the router is compiled
+with the rest of the block and the dispatch, from routing to combine, runs eagerly: see
+`MoEMLP._forward_torch`. The profiler range "moe_dispatch" is entered twice per MoE layer: routing
+and permute, then unpermute and combine; the expert GEMMs (and expert parallelism's all-to-all)
+are between them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import NamedTuple, get_args
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from megatron_m6.config import ModelConfig, MoeDispatchBackend
 from megatron_m6.precision import fp32_or_wider
@@ -211,22 +218,37 @@ class MoEMLP(nn.Module):
             out, aux = self._forward_torch(x, logits)
         return out.reshape(shape), aux
 
+    # Under torch.compile both dispatch paths are explicit graph breaks, run eagerly as one piece.
+    # Their shapes depend on the routing: dropping by capacity (boolean-mask indexing) and
+    # bincount have data-dependent sizes, the per-expert loop and expert parallelism's all-to-all
+    # read split sizes on the host, and the fused path launches Triton kernels itself. Traced,
+    # each of those would break the graph anyway, and the pieces between them would be
+    # recompiled whenever the number of kept assignments or an expert's share changes, which is
+    # every step.
+    @torch.compiler.disable
     def _forward_torch(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        routing = route(logits, self.cfg)
-        # Permute: sort assignments by expert so each expert's tokens are contiguous.
-        order = torch.argsort(routing.expert_idx, stable=True)
-        token_idx, gate = routing.token_idx[order], routing.gate[order]
-        counts = torch.bincount(routing.expert_idx, minlength=self.cfg.num_experts)
-        y = self.experts(x[token_idx], counts)
-        # Unpermute and combine: each token sums its experts' outputs weighted by the gates.
-        out = torch.zeros_like(x).index_add_(0, token_idx, (y * gate[:, None]).to(x.dtype))
+        with record_function("moe_dispatch"):
+            routing = route(logits, self.cfg)
+            # Permute: sort assignments by expert so each expert's tokens are contiguous.
+            order = torch.argsort(routing.expert_idx, stable=True)
+            token_idx, gate = routing.token_idx[order], routing.gate[order]
+            counts = torch.bincount(routing.expert_idx, minlength=self.cfg.num_experts)
+            rows = x[token_idx]
+        y = self.experts(rows, counts)
+        with record_function("moe_dispatch"):
+            # Unpermute and combine: each token sums its experts' outputs weighted by the gates.
+            out = torch.zeros_like(x).index_add_(0, token_idx, (y * gate[:, None]).to(x.dtype))
         return out, routing.aux_loss
 
+    @torch.compiler.disable
     def _forward_fused(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from m6_kernels.moe import permute, topk_gating, unpermute
 
-        dispatch = topk_gating(logits, router_topk(self.cfg), self.cfg.moe_expert_prototypes,
-                               expert_capacity(self.cfg, x.shape[0]))
-        y = self.experts(permute(x, dispatch.dest, dispatch.num_rows), dispatch.tokens_per_expert)
-        out = unpermute(y, dispatch.dest, dispatch.gate, x.dtype)
+        with record_function("moe_dispatch"):
+            dispatch = topk_gating(logits, router_topk(self.cfg), self.cfg.moe_expert_prototypes,
+                                   expert_capacity(self.cfg, x.shape[0]))
+            rows = permute(x, dispatch.dest, dispatch.num_rows)
+        y = self.experts(rows, dispatch.tokens_per_expert)
+        with record_function("moe_dispatch"):
+            out = unpermute(y, dispatch.dest, dispatch.gate, x.dtype)
         return out, aux_loss(dispatch.probs, dispatch.picks_per_expert, dispatch.lse, self.cfg)
