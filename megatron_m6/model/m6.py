@@ -49,11 +49,28 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tenso
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class AttentionCore(nn.Module):
+    """softmax(q k^T / sqrt(d) + mask) v with attention dropout: no parameters, a module of its
+    own so that selective recomputation (parallel/recompute.py) wraps exactly this, as Megatron
+    does, and not the qkv and output projections around it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
+                valid_len: torch.Tensor, q_start: int = 0) -> torch.Tensor:
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        return attention(q, k, v, prefix_len, valid_len, q_start=q_start, dropout_p=dropout,
+                         backend=self.cfg.attention_backend)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.core = AttentionCore(cfg)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor, prefix_len: torch.Tensor,
@@ -71,9 +88,7 @@ class SelfAttention(nn.Module):
             cache.k[layer][:, :, start:start + S] = k
             cache.v[layer][:, :, start:start + S] = v
             k, v = cache.k[layer][:, :, :start + S], cache.v[layer][:, :, :start + S]
-        dropout = self.cfg.attention_dropout if self.training else 0.0
-        out = attention(q, k, v, prefix_len, valid_len, q_start=start, dropout_p=dropout,
-                        backend=self.cfg.attention_backend)
+        out = self.core(q, k, v, prefix_len, valid_len, q_start=start)
         return self.proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
