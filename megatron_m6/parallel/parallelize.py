@@ -1,7 +1,10 @@
 """Apply a layout to a built model, and the few collective steps the trainer needs.
 
 `parallelize()` composes the plans in Megatron's order on each pipeline stage (or the whole
-model): tensor/sequence parallel, expert parallel, activation recomputation, then data parallel.
+model): tensor/sequence parallel, expert parallel, activation recomputation, compilation
+(`--compile`), then data parallel. Compiling after the others and before FSDP is torchtitan's
+order: a block is traced with its TP and recomputation wrappers in place, and FSDP then shards
+the compiled blocks (its hooks run eagerly: FSDP2 keeps them out of Dynamo's reach).
 The returned `ParallelState` is all the trainer knows about
 parallelism; for one process every method is a no-op, so single-process and parallel training
 run the same code.
@@ -125,6 +128,22 @@ class ParallelState:
         return total
 
 
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each transformer block in place (`Module.compile`): the module tree, and so
+    every parameter and state-dict name, stays as it was. Blocks, not the whole model: alike
+    blocks share compiled code, and a pipeline stage or an FSDP unit holds whole blocks. Where a
+    block still runs eagerly (the fused attention kernel, the MoE dispatch) is said in
+    model/attention.py and model/moe.py."""
+    # A block reads its integer `layer_number` (the KV cache's index) in forward. Dynamo takes an
+    # nn.Module's integer attributes as constants and would compile every layer anew, past its
+    # recompile limit (8) on a deep model, after which the remaining layers silently run eagerly.
+    # With this setting the second layer's compile takes the number as an input, and that graph
+    # serves every further layer (tests/test_compile.py).
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    for block in model.layers.values():
+        block.compile()
+
+
 def parallelize(parts: list[nn.Module], cfg: RunConfig, dims: ParallelDims, mesh: DeviceMesh | None,
                 device: torch.device) -> ParallelState:
     """Apply the layout to `parts` (the whole model, or this rank's pipeline stages) while they
@@ -138,6 +157,8 @@ def parallelize(parts: list[nn.Module], cfg: RunConfig, dims: ParallelDims, mesh
             apply_expert_parallel(part, mesh["ep"])
         if cfg.recompute_granularity:
             apply_recomputation(part, cfg.recompute_granularity)
+        if cfg.compile:
+            apply_compile(part)
     if dims.dp > 1 and cfg.data_parallel_sharding != "replicate":
         for part in parts:
             apply_fsdp(part, mesh["dp"], mesh["edp"], cfg.data_parallel_sharding == "full", cfg.bf16)
