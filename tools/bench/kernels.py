@@ -15,13 +15,15 @@
 
 Prints Markdown tables headed by the device and versions, for docs/PERFORMANCE.md, then the
 issue's targets (H100): attention >= 1.3x FlexAttention and >= 400 TFLOP/s forward at sequence
-2048; permute/unpermute >= 70% of copy bandwidth.
+2048; permute/unpermute >= 70% of copy bandwidth. `--json PATH` also writes the rows as a list of
+dicts, each with a "part" (attention, moe, norm-ce), rewritten after each part (tools/bench/gpu_check.py reads it).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--vocab", type=int, default=21128)
+    p.add_argument("--json", metavar="PATH", help="also write the rows here, as a JSON list of dicts")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tools/bench/kernels.py needs a CUDA device; none is available here")
@@ -229,9 +232,18 @@ def main(argv: list[str] | None = None) -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name} ({props.total_memory / 2**30:.0f} GiB); torch {torch.__version__}, "
           f"CUDA {torch.version.cuda}, Triton {triton.__version__}")
+    written: list[dict] = []
+
+    def save(part: str, rows: list[dict]) -> None:
+        if args.json:
+            written.extend({"part": part, **r} for r in rows)
+            with open(args.json, "w") as f:
+                json.dump(written, f, indent=1)
+
     if args.only in (None, "attention"):
         rows = [r for s in args.seqs for r in attention_rows(s, args.tokens, args.heads, args.head_dim)]
         print_attention(rows, args.heads, args.head_dim)
+        save("attention", rows)
         at = {r["name"]: r for r in rows if r["seq"] == 2048}
         if at:
             fused, flex = at["fused (m6_kernels)"], at["FlexAttention"]
@@ -241,12 +253,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "moe"):
         rows = moe_rows(args.tokens, args.hidden, args.experts, args.topk)
         print_moe(rows, args.tokens, args.hidden, args.experts, args.topk)
+        save("moe", [dict(name=name, ms=ms, gb_s=gbs) for name, ms, gbs in rows])
         copy = rows[0][2]
         shares = {name: gbs / copy for name, _, gbs in rows if name in ("permute, fused", "unpermute + combine, fused")}
         print("\ntarget: " + ", ".join(f"{n} {100 * s:.0f}% of copy bandwidth" for n, s in shares.items())
               + " (>= 70%)")
     if args.only in (None, "norm-ce"):
-        print_norm_ce(norm_ce_rows(args.tokens, args.hidden, args.vocab), args.tokens, args.hidden, args.vocab)
+        rows = norm_ce_rows(args.tokens, args.hidden, args.vocab)
+        print_norm_ce(rows, args.tokens, args.hidden, args.vocab)
+        save("norm-ce", [dict(name=name, fwd_ms=fwd, bwd_ms=bwd) for name, fwd, bwd in rows])
 
 
 if __name__ == "__main__":
