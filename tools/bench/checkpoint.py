@@ -5,6 +5,10 @@ streaming conversion to a safetensors release with its peak memory.
 
     python tools/bench/checkpoint.py            # make bench-checkpoint
     python tools/bench/checkpoint.py --preset m6-tiny --dir /tmp/x   # a quick smoke run
+    python tools/bench/checkpoint.py --device cuda --json /tmp/ckpt.json   # state saved from GPU memory
+
+`--device cuda` builds the model and its AdamW state on the GPU, so saves include the copy out of
+GPU memory; `--json PATH` also writes the rows, rewritten after each (a run cut off keeps them).
 
 Loads right after saves read from the page cache unless it can be dropped (root only): the
 output says which. Needs about 4x the checkpoint size in free memory and 3x on disk.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -47,9 +52,9 @@ def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def model_and_optimizer(preset: str):
+def model_and_optimizer(preset: str, device: str):
     cfg = parse_args(["--preset", preset, "--mock-data"])
-    model = M6(cfg.model)
+    model = M6(cfg.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters())
     for p in model.parameters():  # one step with zero gradients creates the full Adam state
         p.grad = torch.zeros_like(p)
@@ -92,17 +97,27 @@ def main() -> None:
     p.add_argument("--dir", help="where to write (default: a temporary folder, removed after)")
     p.add_argument("--repeat", type=int, default=1,
                    help="also time this many more saves back to back, sync and async")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model and its state live")
+    p.add_argument("--json", metavar="PATH", help="also write the rows here, as a JSON list of dicts")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available here")
     root = args.dir or tempfile.mkdtemp(prefix="bench_checkpoint_")
     os.makedirs(root, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg, model, optimizer = model_and_optimizer(args.preset)
+    cfg, model, optimizer = model_and_optimizer(args.preset, args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.preset}: {n_params / 1e6:.1f}M parameters, torch {torch.__version__}, "
+    print(f"{args.preset}: {n_params / 1e6:.1f}M parameters on {args.device}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, writing to {root}")
+    rows: list[dict] = []
 
     def report(what: str, seconds: float, nbytes: int, note: str = "") -> None:
         print(f"{what:<44} {nbytes / 2**30:6.2f} GiB {seconds:7.2f} s {nbytes / 2**30 / seconds:6.2f} GiB/s  {note}")
+        if args.json:
+            rows.append(dict(what=what, device=args.device, gib=nbytes / 2**30, seconds=seconds,
+                             gib_per_s=nbytes / 2**30 / seconds, note=note))
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
 
     # Baseline: the same state through one torch.save file, fsynced.
     plain = os.path.join(root, "plain.pt")
