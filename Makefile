@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: torch install deps test-deps lint demo test test-seeds test-slurm bench bench-data bench-checkpoint
+.PHONY: torch install deps test-deps lint demo test test-seeds test-slurm bench bench-data bench-checkpoint gpu-check
 
 # torch first, pinned, and only when none is present: an unpinned torch would pull a CUDA build,
 # and a user's own (CUDA) torch must never be replaced. One that is too old stops here with
@@ -67,3 +67,8 @@ bench-data: deps
 # Checkpoint save/load GB/s for an m6-base-shaped model; numbers in docs/PERFORMANCE.md.
 bench-checkpoint: deps
 	$(PYTHON) tools/bench/checkpoint.py
+
+# The one GPU check (sections a-h, at most 8 minutes on one H100/H200; gpu_check.md and .json in
+# $OUT or gpu_check/). Installs nothing from a registry: see tools/bench/gpu_check.py.
+gpu-check:
+	PYTHON=$(PYTHON) bash tools/bench/gpu_check.sh
