@@ -67,6 +67,7 @@ def test_old_torch_runs_only_what_needs_no_megatron_m6(tmp_path):
     assert runs == {"kernel tests, norm and cross entropy", "autotune probe", "attention", "norm-ce"}
     skipped = [c for s in sections for c in s.commands if c.skip]
     assert all(c.skip == "needs torch >= 2.13 (found 2.11.0+cu130)" for c in skipped)
+    assert gpu_check.time_weights(sections) == [s.weight for s in sections[:2]] + [0.0] * 6  # a, b share it all
     norm_tests = next(c for c in sections[0].commands if c.skip is None and "pytest" in c.argv)
     assert "--noconftest" in norm_tests.argv and norm_tests.argv[-1] == "tests/test_kernels_norm_ce.py"
     # megatron_m6's own torch: nothing skipped, the three kernel test files in one pytest run.
@@ -100,7 +101,8 @@ def test_runner_cuts_off_a_slow_section_and_rewrites_the_report_after_each(tmp_p
     half_written_then_sleep = f"import time; open({partial!r}, 'w').write('[{{\"mfu\"'); time.sleep(60)"
     read_report = (f"import json; d = json.load(open({os.path.join(out, 'gpu_check.json')!r})); "
                    f"json.dump([{{'sections_seen': len(d['sections'])}}], open({seen!r}, 'w'))")
-    sections = [
+    sections = [  # b is all skipped (an old torch): its weight must not take time from the others
+        Section("b", "skipped", 100, [Command("moe", ["false"], skip="needs torch >= 2.13 (found 2.11.0)")]),
         Section("c", "train step", 5, [Command("m6-base", writes_rows(
             [step_row("fused", 0.5), step_row("sdpa", 0.3)], steps), steps)], gpu_check.evaluate_train_step),
         Section("d", "slow", 1, [Command("sleeper", [sys.executable, "-c", half_written_then_sleep], partial),
@@ -108,18 +110,19 @@ def test_runner_cuts_off_a_slow_section_and_rewrites_the_report_after_each(tmp_p
         Section("e", "reads the report", 5, [Command("reader", [sys.executable, "-c", read_report], seen)]),
     ]
     results = gpu_check.run_sections(sections, 11, out, ENV)  # d's limit: 1/11 of what is left, under 2 s
-    c, d, e = results
+    b, c, d, e = results
+    assert b.commands[0].status == "skipped" and b.time_limit_s == 0
     assert [r.status for r in c.commands] == ["ok"] and c.commands[0].rows[0]["mfu"] == 0.5
     assert d.commands[0].status == "cut off" and d.commands[0].seconds < 5
     assert d.commands[0].rows == [] and d.commands[0].note.endswith("its rows file was left half-written")
     assert d.commands[1].status == "not run"
-    assert e.commands[0].rows == [{"sections_seen": 2}]  # written after c and after d
+    assert e.commands[0].rows == [{"sections_seen": 3}]  # written after b, c and d
     assert gpu_check.exit_code(results) == gpu_check.EXIT_OK  # a cut-off is reported, not a failure
 
     doc = json.load(open(os.path.join(out, "gpu_check.json")))
-    assert doc["environment"] == ENV and len(doc["sections"]) == 3 and doc["exit_code"] == 0
-    assert doc["sections"][0]["commands"][0]["rows"] == [step_row("fused", 0.5), step_row("sdpa", 0.3)]
-    best = [ch for ch in doc["sections"][0]["checks"] if ch["what"].startswith("m6-base train step MFU")]
+    assert doc["environment"] == ENV and len(doc["sections"]) == 4 and doc["exit_code"] == 0
+    assert doc["sections"][1]["commands"][0]["rows"] == [step_row("fused", 0.5), step_row("sdpa", 0.3)]
+    best = [ch for ch in doc["sections"][1]["checks"] if ch["what"].startswith("m6-base train step MFU")]
     assert best == [dict(what="m6-base train step MFU, best backend (fused)", measured="50%", goal=">= 45%",
                          passed=True, correctness=False)]
     md = open(os.path.join(out, "gpu_check.md")).read()

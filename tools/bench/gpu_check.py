@@ -334,6 +334,12 @@ def run_command(command: Command, timeout_s: float, log_path: str) -> CommandRes
     return result
 
 
+def time_weights(sections: list[Section]) -> list[float]:
+    """Each section's share of the budget: its weight, or 0 when all its commands are skipped
+    (an older torch), so that its time goes to the sections that run."""
+    return [s.weight if any(c.skip is None for c in s.commands) else 0.0 for s in sections]
+
+
 def run_sections(sections: list[Section], budget_s: float, out_dir: str, env: dict) -> list[SectionResult]:
     """Runs the sections in order within the budget, rewriting the report after each."""
     os.makedirs(out_dir, exist_ok=True)
@@ -341,9 +347,10 @@ def run_sections(sections: list[Section], budget_s: float, out_dir: str, env: di
     open(log_path, "w").close()
     deadline = time.perf_counter() + budget_s
     results: list[SectionResult] = []
+    weights = time_weights(sections)
     for i, section in enumerate(sections):
         left = deadline - time.perf_counter()
-        limit = max(0.0, left * section.weight / sum(s.weight for s in sections[i:]))
+        limit = max(0.0, left * weights[i] / sum(weights[i:])) if weights[i] else 0.0
         section_deadline = time.perf_counter() + limit
         print(f"\n== {section.key}. {section.title} (limit {limit:.0f} s)", flush=True)
         commands = []
@@ -483,11 +490,12 @@ def probe_autotune(json_path: str) -> None:
     """Section a's probe: probe_rows for each dtype on the GPU, written to `json_path`."""
     import torch
 
-    rows = [r for dtype in (torch.bfloat16, torch.float16, torch.float32) for r in probe_rows(dtype, "cuda")]
-    with open(json_path, "w") as f:
-        json.dump(rows, f, indent=1)
-    for r in rows:
-        print(r)
+    rows: list[dict] = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        rows += probe_rows(dtype, "cuda")
+        print("\n".join(map(str, rows[-3:])), flush=True)
+        with open(json_path, "w") as f:  # after each dtype: a probe cut off keeps what it measured
+            json.dump(rows, f, indent=1)
 
 
 # ------------------------------------------------------------------------------------- main
@@ -512,9 +520,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_plan(sections: list[Section], budget_s: float) -> None:
-    total = sum(s.weight for s in sections)
-    for s in sections:
-        print(f"{s.key}. {s.title} (about {budget_s * s.weight / total:.0f} s)")
+    weights = time_weights(sections)
+    for s, w in zip(sections, weights):
+        print(f"{s.key}. {s.title} (about {budget_s * w / (sum(weights) or 1):.0f} s)")
         for c in s.commands:
             print(f"   {'skipped, ' + c.skip + ': ' if c.skip else ''}{' '.join(c.argv)}")
 
