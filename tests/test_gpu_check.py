@@ -202,7 +202,7 @@ def test_autotune_probe_verdicts():
 
 def test_moe_share_of_the_step():
     checks = gpu_check.evaluate_moe_step({"moe step": [step_row("fused", 0.2)]})
-    assert [(c.what, c.measured) for c in checks] == [("MoE ranges' share of the step", "5%"),
+    assert [(c.what, c.measured) for c in checks] == [("share of the step in moe_dispatch", "5%"),
                                                       ("MoE model MFU", "20.0%")]
 
 

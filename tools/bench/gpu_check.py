@@ -17,7 +17,7 @@ Sections, in order, so that a run cut off still leaves the most important number
   h. tools/bench/generation.py: KV-cache generation tokens/s at batch 1 and 32.
 
 Each command is a subprocess with a time limit: the budget left, shared among the sections left
-in proportion to their weights (SECTIONS), so time one section does not use goes to later ones. A
+in proportion to their weights (build_sections), so time one section does not use goes to later ones. A
 command past its limit is killed and reported "cut off"; later sections still run. After every
 section `gpu_check.md` (Markdown tables under a header of device, driver, CUDA, torch and Triton
 versions), `gpu_check.json` (the same numbers) and `gpu_check.log` (every command's output) are
@@ -29,19 +29,27 @@ Exit codes: 0 every correctness check that ran passed (a missed speed target is 
 failed, a kernel's error above tolerance, no autotune configuration compiled, a command crashed);
 2 bad arguments; 3 no CUDA device. Cut-off and skipped commands are listed in the report.
 
-torch: megatron_m6 needs torch >= 2.13 (MIN_TORCH in megatron_m6/__init__.py). The GPU image's
-python3 (Python 3.12) has torch 2.11.0+cu130 and Triton 3.6, and a CUDA torch wheel (hundreds of
-MB) is far above the 64 MiB the device tool carries. With an older torch every command that
-imports megatron_m6 is skipped as "needs torch >= 2.13 (found X)", and what needs only torch,
-Triton and m6_kernels still runs: tests/test_kernels_norm_ce.py (with --noconftest: conftest.py
-imports megatron_m6), the autotune probe, and kernels.py's attention and LayerNorm/cross-entropy
-parts. The attention and MoE kernel test files, kernels.py's MoE part (its baseline is
-megatron_m6's router) and sections c-h need torch >= 2.13.
+A GPU session runs `bash tools/bench/gpu_check.sh` from the repo root (through the device tool:
+that command, timeout_s 540, nothing to carry unless wheels are; the three report files come back
+from $OUT).
 
-Wheels: with torch >= 2.13 there, nothing else is missing for these sections (pytest, numpy,
-Pillow, tokenizers, safetensors, tensorboard, tqdm, regex and Triton are in the image; nltk and
-opencc are imported only by corpus cleaning, megatron-core only by tests/test_indexed.py).
-gpu_check.sh installs every wheel found in .whl/ (or $M6_WHEELS) with pip --no-index first.
+torch: megatron_m6 needs torch >= 2.13 (MIN_TORCH in megatron_m6/__init__.py). The GPU image's
+python3 (Python 3.12) has torch 2.11.0+cu130 and Triton 3.6. With an older torch every command
+that imports megatron_m6 is skipped as "needs torch >= 2.13 (found X)" and gives its time to the
+others; what needs only torch, Triton and m6_kernels still runs: tests/test_kernels_norm_ce.py
+(with --noconftest: tests/conftest.py imports megatron_m6), the autotune probe (attention in
+bf16, fp16 and fp32, natively) and kernels.py's attention and LayerNorm/cross-entropy parts. The
+attention and MoE kernel test files (they build M6 models), kernels.py's MoE part (its baseline is
+megatron_m6's router) and sections c-h need torch >= 2.13 there.
+
+Wheels: only a CUDA build of torch >= 2.13 for CPython 3.12 is missing, and none can be carried:
+a CUDA torch wheel is hundreds of MB, the device tool carries 64 MiB. None is on the developer
+machine either (/opt/wheels/torch-2.13.0+cpu-cp311-...whl is CPU-only; /opt/pypi-more/files/
+torch-2.14.1-cp311-...whl, 529 MiB, is for CPython 3.11). Everything else these sections import
+is in the image (pytest, numpy, Pillow, tokenizers, safetensors, tensorboard, tqdm, regex,
+Triton); of requirements*.txt the image lacks nltk and opencc (imported only by corpus cleaning)
+and megatron-core (only tests/test_indexed.py), so none is needed here. gpu_check.sh installs
+every wheel in .whl/ (or $M6_WHEELS) with pip --no-index first, should a later image need one.
 """
 
 from __future__ import annotations
@@ -186,10 +194,10 @@ def evaluate_wide(rows: dict[str, list[dict]]) -> list[Check]:
 def evaluate_moe_step(rows: dict[str, list[dict]]) -> list[Check]:
     checks = []
     for r in (r for rs in rows.values() for r in rs):
-        ranges = r.get("range_ms") or {}
-        moe_ms = sum(ms for name, ms in ranges.items() if name.startswith("moe"))
-        if r.get("step_ms"):
-            checks.append(Check("MoE ranges' share of the step", f"{moe_ms / r['step_ms']:.0%}", "-", None))
+        moe = {name: ms for name, ms in (r.get("range_ms") or {}).items() if name.startswith("moe")}
+        if moe and r.get("step_ms"):
+            checks.append(Check(f"share of the step in {', '.join(moe)}", f"{sum(moe.values()) / r['step_ms']:.0%}",
+                                "-", None))
         checks.append(Check("MoE model MFU", f"{r['mfu']:.1%}", "-", None))
     return checks
 
