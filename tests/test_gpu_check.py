@@ -226,3 +226,12 @@ def test_generation_bench_runs_on_cpu(tmp_path):
         # Every row writes all its tokens (no EOS can stop it): tokens/s times seconds counts them.
         assert r["tokens_per_s"] > 0 and r["tokens_per_s"] * r["seconds"] == pytest.approx(r["batch"] * 6)
     assert isinstance(rows[2]["same_tokens_as_cached"], bool)
+
+
+def test_shell_wrapper_passes_flags_and_exit_codes(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "M6_WHEELS": str(tmp_path)}  # an empty wheel folder
+    script = os.path.join(REPO, "tools", "bench", "gpu_check.sh")
+    plan = subprocess.run(["bash", script, "--dry-run", "--only", "h"], capture_output=True, text=True, env=env)
+    assert plan.returncode == 0 and plan.stdout.startswith("h. ") and "installing" not in plan.stdout
+    bad = subprocess.run(["bash", script, "--only", "x"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--only takes distinct sections" in bad.stderr
