@@ -17,8 +17,8 @@ Sections, in order, so that a run cut off still leaves the most important number
   h. tools/bench/generation.py: KV-cache generation tokens/s at batch 1 and 32.
 
 Each command is a subprocess with a time limit: the budget left, shared among the sections left
-in proportion to their weights (build_sections), so time one section does not use goes to later ones. A
-command past its limit is killed and reported "cut off"; later sections still run. After every
+in proportion to their weights (build_sections), so time one section does not use goes to later
+ones. A command past its limit is killed and reported "cut off"; later sections still run. After every
 section `gpu_check.md` (Markdown tables under a header of device, driver, CUDA, torch and Triton
 versions), `gpu_check.json` (the same numbers) and `gpu_check.log` (every command's output) are
 rewritten under --out (default $OUT when set, else gpu_check/). Each target is printed beside its
