@@ -1,5 +1,5 @@
 """`--compile` trains like eager: the same losses and gradients, on one process and under TP,
-FSDP and PP, with either attention backend and with MoE layers; graph breaks only where the
+FSDP, PP and EP, with either attention backend and with MoE layers; graph breaks only where the
 model marks them (the fused attention kernel, the MoE dispatch); the same parameter names.
 
 The eager reference is an independent run: its own model, built from the same seed and data.
@@ -17,13 +17,13 @@ from megatron_m6.parallel.parallelize import apply_compile
 from megatron_m6.pretrain import setup
 from megatron_m6.training.trainer import StepStats
 from tests.conftest import tiny_config
-from tests.parallel_harness import full_grads, history, run_parallel, train_steps
+from tests.parallel_harness import MOE, full_grads, history, run_parallel, train_steps
 from tests.test_parallel import F64, NOISE_FACTOR, assert_close
 
 # m6-tiny (4 layers, hidden 128, head dim 32: the fused kernel takes it) on a smaller batch.
 M6_TINY = ["--preset", "m6-tiny", "--mock-data", "--micro-batch-size", "4", "--global-batch-size", "8",
            "--train-iters", "3", "--log-interval", "100", "--lr", "1e-3"]
-MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-capacity-factor", "1.0"]
+TINY_MOE = MOE + ["--moe-capacity-factor", "1.0"]  # with token dropping
 # Compiled and eager float64 differ only in float64 rounding: Inductor fuses and reorders the
 # elementwise work and reductions (LayerNorm, GELU, softmax, Adam) and uses its own vectorised
 # erf/exp. Each op rounds to within a few eps (2.2e-16) either way; summed over the ~1e3 ops on a
@@ -65,7 +65,7 @@ def gradient_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) 
     return float((g - w).norm() / w.norm())
 
 
-@pytest.mark.parametrize("model", [[], MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("model", [[], TINY_MOE], ids=["dense", "moe"])
 def test_compiled_float64_trains_like_eager(model):
     eager = run(F64 + model)
     compiled = run(F64 + model + ["--compile"])
@@ -75,7 +75,8 @@ def test_compiled_float64_trains_like_eager(model):
 
 
 FUSED = ["--attention-backend", "fused"]
-# The fused kernel runs in Triton's interpreter on CPU, slowly: a quarter of the batch.
+# The fused kernel runs in Triton's interpreter on CPU, slowly: a quarter of the batch. (The fused
+# MoE dispatch, slower still there, runs eagerly under compile: test_graph_breaks_only_where_marked.)
 SMALL = ["--micro-batch-size", "2", "--global-batch-size", "2"]
 
 
@@ -100,13 +101,14 @@ def block_inputs(cfg, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, dict
                    valid_len=torch.tensor([seq, 12]))
 
 
-@pytest.mark.parametrize("backend, experts, breaks_at", [
-    ("sdpa", 0, None), ("fused", 0, "_fused"), ("sdpa", 4, "_forward_torch")])
-def test_graph_breaks_only_where_marked(backend, experts, breaks_at):
+@pytest.mark.parametrize("backend, experts, dispatch, breaks_at", [
+    ("sdpa", 0, "torch", None), ("fused", 0, "torch", "_fused"), ("sdpa", 4, "torch", "_forward_torch"),
+    ("sdpa", 4, "fused", "_forward_fused")])
+def test_graph_breaks_only_where_marked(backend, experts, dispatch, breaks_at):
     """A dense sdpa block is one graph (the profiler range does not break it); the fused kernel
     and the MoE dispatch are the only breaks, and they are the model's explicit ones."""
     cfg = tiny_config(hidden_size=64, num_attention_heads=2, attention_backend=backend,
-                      num_experts=experts, moe_layer_freq=1)
+                      num_experts=experts, moe_layer_freq=1, moe_dispatch_backend=dispatch)
     x, kwargs = block_inputs(cfg)
     explained = torch._dynamo.explain(Block(cfg, 1))(x, **kwargs)
     if breaks_at is None:
@@ -168,10 +170,12 @@ def two_steps(argv: list[str]):
 
 # 2 layers, sequence 24 (tests/parallel_harness.py's TINY), 2 steps: enough to see a wrong
 # gradient move the second loss, short enough to compile on every rank of a 2-core CI machine.
-COMPILED_LAYOUTS = {
-    "TP2-SP": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-    "DP2-full-recompute": ["--data-parallel-sharding", "full", "--recompute-granularity", "full"],
-    "PP2": ["--pipeline-model-parallel-size", "2"],
+# Expert parallelism's all-to-all runs inside the MoE dispatch, eagerly.
+COMPILED_LAYOUTS = {  # name: (flags, the model's flags)
+    "TP2-SP": (["--tensor-model-parallel-size", "2", "--sequence-parallel"], []),
+    "DP2-full-recompute": (["--data-parallel-sharding", "full", "--recompute-granularity", "full"], []),
+    "PP2": (["--pipeline-model-parallel-size", "2"], []),
+    "EP2-moe": (["--expert-model-parallel-size", "2"], MOE),
 }
 
 
@@ -179,5 +183,6 @@ COMPILED_LAYOUTS = {
 def test_compiled_layout_matches_eager_single_process(layout):
     """Compiled on 2 ranks against eager on one, in float64: layout and compilation rounding
     together stay within test_parallel's float64 tolerances (units of float64 eps)."""
-    got = run_parallel(2, F64 + COMPILED_LAYOUTS[layout] + ["--compile"], fn=two_steps)
-    assert_close(got, two_steps(F64), f"{layout} compiled")
+    argv, model = COMPILED_LAYOUTS[layout]
+    got = run_parallel(2, F64 + model + argv + ["--compile"], fn=two_steps)
+    assert_close(got, two_steps(F64 + model), f"{layout} compiled")

@@ -173,6 +173,9 @@ class GroupedExperts(nn.Module):
         return torch.cat(outputs) if outputs else x.new_zeros(0, w2.shape[-1])
 
 
+# A constant to torch.compile, which would otherwise trace into Triton's environment lookups
+# and break the graph there: the answer depends only on the device and this process's Triton.
+@torch.compiler.assume_constant_result
 def fused_dispatch_unavailable_reason(device: torch.device) -> str | None:
     """None when the fused dispatch kernels run on `device`; otherwise why not."""
     if kernel_runtime is None:
