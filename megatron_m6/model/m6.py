@@ -30,13 +30,21 @@ MODALITIES = ("image", "source", "target")
 IMAGE, SOURCE, TARGET = range(len(MODALITIES))
 
 
+@dataclass
+class LayerKV:
+    """One layer's keys and values [B, heads, max_len, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
 class KVCache:
     """Keys and values of every layer for incremental decoding, preallocated to `max_len`."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.num_attention_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.layers = [LayerKV(torch.zeros(shape, device=device, dtype=dtype),
+                               torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.num_layers)]
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -74,8 +82,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor, prefix_len: torch.Tensor,
-                valid_len: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                start: int = 0) -> torch.Tensor:
+                valid_len: torch.Tensor, cache: LayerKV | None = None, start: int = 0) -> torch.Tensor:
         """Only `x` is positional: a tensor-parallel plan prepares it and passes the rest on."""
         B, S, _ = x.shape
         # Heads-major [.., heads, 3, head_dim] layout: splitting qkv's output features over
@@ -85,9 +92,9 @@ class SelfAttention(nn.Module):
             q = rotary(q, positions, self.cfg.rotary_base)
             k = rotary(k, positions, self.cfg.rotary_base)
         if cache is not None:
-            cache.k[layer][:, :, start:start + S] = k
-            cache.v[layer][:, :, start:start + S] = v
-            k, v = cache.k[layer][:, :, :start + S], cache.v[layer][:, :, :start + S]
+            cache.k[:, :, start:start + S] = k
+            cache.v[:, :, start:start + S] = v
+            k, v = cache.k[:, :, :start + S], cache.v[:, :, :start + S]
         out = self.core(q, k, v, prefix_len, valid_len, q_start=start)
         return self.proj(out.transpose(1, 2).reshape(B, S, -1))
 
@@ -118,12 +125,11 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor, prefix_len: torch.Tensor,
-                valid_len: torch.Tensor, cache: KVCache | None = None,
+                valid_len: torch.Tensor, cache: LayerKV | None = None,
                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's output and its MoE auxiliary loss (zero for a dense MLP)."""
         x = x + self.dropout(self.attn(self.input_norm(x), positions=positions, prefix_len=prefix_len,
-                                       valid_len=valid_len, cache=cache, layer=self.layer_number - 1,
-                                       start=start))
+                                       valid_len=valid_len, cache=cache, start=start))
         out, aux = self.mlp(self.mlp_norm(x))
         return x + self.dropout(out), aux
 
@@ -219,9 +225,9 @@ class M6(nn.Module):
             x, positions = self.embedding(tokens, images, has_image, prefix_len, start)
         if aux is None:
             aux = x.new_zeros(())
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
             x, layer_aux = layer(x, positions=positions, prefix_len=prefix_len, valid_len=valid_len,
-                                 cache=cache, start=start)
+                                 cache=cache.layers[int(name)] if cache is not None else None, start=start)
             aux = aux + layer_aux
         if self.final_norm is not None:
             x = self.final_norm(x)

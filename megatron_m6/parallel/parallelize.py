@@ -134,12 +134,6 @@ def apply_compile(model: nn.Module) -> None:
     blocks share compiled code, and a pipeline stage or an FSDP unit holds whole blocks. Where a
     block still runs eagerly (the fused attention kernel, the MoE dispatch) is said in
     model/attention.py and model/moe.py."""
-    # A block reads its integer `layer_number` (the KV cache's index) in forward. Dynamo takes an
-    # nn.Module's integer attributes as constants and would compile every layer anew, past its
-    # recompile limit (8) on a deep model, after which the remaining layers silently run eagerly.
-    # With this setting the second layer's compile takes the number as an input, and that graph
-    # serves every further layer (tests/test_compile.py).
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
     for block in model.layers.values():
         block.compile()
 
