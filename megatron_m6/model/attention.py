@@ -18,9 +18,10 @@ explicit graph break (`torch.compiler.disable`): it is an autograd.Function that
 Triton kernels itself (through the interpreter on CPU), already one fused kernel per pass, so
 Inductor has nothing to fuse into it; tracing it would need it registered as a custom op
 (torch.library.triton_op) in m6_kernels. What is around it (projections, rotary, norms, MLP) is
-compiled; sdpa compiles without a break. The "attention" profiler range is dropped from compiled code (Dynamo
-treats record_function as a no-op there unless `torch._dynamo.config.capture_profiler_record_function`
-is set, and that setting cannot have a graph break inside the range).
+compiled; sdpa compiles without a break. The "attention" profiler range is dropped from
+compiled code: Dynamo treats record_function as a no-op there unless
+`torch._dynamo.config.capture_profiler_record_function` is set, and that setting allows no graph
+break inside a range. FlexAttention under --compile (CUDA only) is not tested on CPU.
 """
 
 from __future__ import annotations
