@@ -161,6 +161,7 @@ def test_profiler_ranges_name_attention_and_moe_dispatch():
     # Per layer: one attention call, and the dispatch's two halves around the expert GEMMs.
     assert names.count("attention") == cfg.num_layers
     assert names.count("moe_dispatch") == 2 * cfg.num_layers
+    assert names.count("moe_experts") == cfg.num_layers
 
 
 def two_steps(argv: list[str]):

@@ -45,7 +45,7 @@ def test_trace_of_the_chosen_steps_has_the_named_ranges(tmp_path):
     traces = glob.glob(str(tmp_path / "rank0.*.pt.trace.json"))
     assert len(traces) == 1, os.listdir(tmp_path)
     names = annotations(traces[0])
-    assert TRAINER_RANGES | {"attention", "moe_dispatch"} <= set(names)
+    assert TRAINER_RANGES | {"attention", "moe_dispatch", "moe_experts"} <= set(names)
     # Steps 2 and 3 only: the warm-up step 1 and step 4 are not kept. 8 samples per step are
     # 4 micro-batches of 2; each has a forward, a backward and 2 layers of attention.
     assert [n for n in names if n.startswith("ProfilerStep#")] == ["ProfilerStep#1", "ProfilerStep#2"]

@@ -19,8 +19,8 @@ on CUDA, one matmul per expert elsewhere.
 Under `--compile` (blocks compiled in megatron_m6/parallel/parallelize.py) the router is compiled
 with the rest of the block and the dispatch, from routing to combine, runs eagerly: see
 `MoEMLP._forward_torch`. The profiler range "moe_dispatch" is entered twice per MoE layer: routing
-and permute, then unpermute and combine; the expert GEMMs (and expert parallelism's all-to-all)
-are between them.
+and permute, then unpermute and combine; between them, "moe_experts" holds the expert GEMMs (and
+expert parallelism's all-to-all).
 """
 
 from __future__ import annotations
@@ -237,7 +237,8 @@ class MoEMLP(nn.Module):
             token_idx, gate = routing.token_idx[order], routing.gate[order]
             counts = torch.bincount(routing.expert_idx, minlength=self.cfg.num_experts)
             rows = x[token_idx]
-        y = self.experts(rows, counts)
+        with record_function("moe_experts"):
+            y = self.experts(rows, counts)
         with record_function("moe_dispatch"):
             # Unpermute and combine: each token sums its experts' outputs weighted by the gates.
             out = torch.zeros_like(x).index_add_(0, token_idx, (y * gate[:, None]).to(x.dtype))
@@ -251,7 +252,8 @@ class MoEMLP(nn.Module):
             dispatch = topk_gating(logits, router_topk(self.cfg), self.cfg.moe_expert_prototypes,
                                    expert_capacity(self.cfg, x.shape[0]))
             rows = permute(x, dispatch.dest, dispatch.num_rows)
-        y = self.experts(rows, dispatch.tokens_per_expert)
+        with record_function("moe_experts"):
+            y = self.experts(rows, dispatch.tokens_per_expert)
         with record_function("moe_dispatch"):
             out = unpermute(y, dispatch.dest, dispatch.gate, x.dtype)
         return out, aux_loss(dispatch.probs, dispatch.picks_per_expert, dispatch.lse, self.cfg)

@@ -5,7 +5,7 @@
 first, when there is one, is the profiler's warm-up and is not kept). Open a trace at
 https://ui.perfetto.dev, or in TensorBoard with its PyTorch profiler plugin. Besides every
 operator and kernel, a trace holds these ranges: forward, backward, optimizer, communication
-and data_wait (from the trainer and the pipeline stages), attention and moe_dispatch (from the
+and data_wait (from the trainer and the pipeline stages), attention, moe_dispatch and moe_experts (from the
 model).
 
 `--record-memory-history` records the CUDA caching allocator's history on the same ranks and

@@ -13,7 +13,7 @@ table, else a matmul timed here). Memory: the CUDA allocator's peak on a GPU; on
 activations one micro-batch leaves for the backward (every saved tensor's storage once, and the
 inputs a recomputed module keeps; parameters not counted), which is what recomputation trades.
 --breakdown profiles one more step and reports the time inside the model's named ranges
-(attention, moe_dispatch: kernels launched inside them, device time on a GPU) and the step's
+(attention, moe_dispatch, moe_experts: kernels launched inside them, device time on a GPU) and the step's
 timers (data wait, forward-backward, grad sync, optimizer).
 
 --json PATH writes a list of results, one per configuration run (tools/bench/gpu_check.py reads it).
@@ -40,7 +40,7 @@ from megatron_m6.training.loss_sums import LossSums  # noqa: E402
 from megatron_m6.training.trainer import StepStats, Trainer  # noqa: E402
 
 RECOMPUTE_OPTIONS = (None, "selective", "full")
-RANGES = ("attention", "moe_dispatch")  # the model's profiler ranges (model/attention.py, moe.py)
+RANGES = ("attention", "moe_dispatch", "moe_experts")  # the model's profiler ranges (model/attention.py, moe.py)
 
 
 def sync(device: torch.device) -> None:
