@@ -19,7 +19,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.autograd.profiler import record_function
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
     PipelineStage,
@@ -27,6 +26,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
+from torch.profiler import record_function
 
 from megatron_m6.config import ModelConfig, RunConfig
 from megatron_m6.model.m6 import M6, text_positions

@@ -25,10 +25,6 @@ from megatron_m6.config import ConfigError, RunConfig
 MEMORY_HISTORY_ENTRIES = 100_000  # allocator events kept: enough for a few steps of m6-10b
 
 
-def profile_dir(cfg: RunConfig) -> str:
-    return cfg.profile_dir or cfg.tensorboard_dir or "profiles"
-
-
 class StepProfiler:
     """Drives torch.profiler and the memory history around the trainer's steps (1-based)."""
 
@@ -37,7 +33,7 @@ class StepProfiler:
         on_rank = rank in cfg.profile_ranks
         self.profiling = cfg.profile and on_rank
         self.recording = cfg.record_memory_history and on_rank
-        self.dir = profile_dir(cfg)
+        self.dir = cfg.profile_dir or cfg.tensorboard_dir or "profiles"
         self._profiler: torch.profiler.profile | None = None
         if cfg.record_memory_history and device.type != "cuda":
             raise ConfigError("--record-memory-history needs a CUDA device: it records the CUDA "

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd.profiler import record_function
+from torch.profiler import record_function
 
 from megatron_m6.config import RunConfig
 from megatron_m6.data.task_spec import TASK_NAMES
