@@ -81,6 +81,15 @@ def test_caption_metrics_one_image_and_exact_copy():
     assert ours["CIDEr"] == 0.0
 
 
+def test_caption_bleu_without_four_gram_matches():
+    # No 4-gram matches: coco-caption's 1e-15 makes BLEU-4 about 1e-4, not 0, and we keep that.
+    preds, refs = ["两只猫", "一只狗在跑"], [["两只猫在睡觉", "猫"], ["狗在跑"]]
+    ours, theirs = caption_metrics(preds, refs), coco_scores(preds, refs)
+    assert 1e-5 < theirs["BLEU-4"] < 1e-3
+    for key in theirs:
+        assert ours[key] == pytest.approx(theirs[key], rel=TOL, abs=TOL), key
+
+
 def test_caption_metrics_empty():
     zero = dict.fromkeys(["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"], 0.0)
     assert caption_metrics([], []) == zero
