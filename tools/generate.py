@@ -5,13 +5,16 @@ captions. A release (tools/checkpoint/convert.py to-release) brings its own voca
     python tools/generate.py --load CKPT --vocab-file DATA/vocab.txt --text "今天天气"
     python tools/generate.py --load CKPT --vocab-file DATA/vocab.txt --eval-captions DATA/captions_test.jsonl
 
-Greedy by default; any of --top-k/--top-p/--temperature switches to sampling.
+Greedy by default; any of --top-k/--top-p/--temperature switches to sampling, --num-beams N > 1
+to beam search (deterministic, so not with sampling flags). --repetition-penalty,
+--no-repeat-ngram-size and --min-new-tokens apply to all three.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -19,6 +22,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "kernels")]
 
+import torch
 from PIL import Image
 
 from megatron_m6.config import ConfigError
@@ -26,6 +30,8 @@ from megatron_m6.inference import SamplingConfig, caption_images, continue_text,
 from megatron_m6.pretrain import pick_device
 from megatron_m6.tokenizer import M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="sampling temperature")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams per input (1: off)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = sum of log-probs / length ** this (0: raw sum; larger favours longer)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="never generate an n-gram of this size twice (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already generated (CTRL's rule; 1: off)")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many tokens")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="weights' dtype for generation (bf16: half the memory; norms stay fp32)")
     return p
 
 
@@ -57,12 +73,20 @@ def sampling_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> Sam
     sampling = any(v is not None for v in (args.top_k, args.top_p, args.temperature))
     if args.greedy and sampling:
         p.error("--greedy contradicts --top-k/--top-p/--temperature")
+    if args.num_beams > 1 and sampling:
+        p.error("--num-beams (beam search, deterministic) contradicts --top-k/--top-p/--temperature")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not sampling,
                          temperature=1.0 if args.temperature is None else args.temperature,
                          top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
-                         seed=args.seed)
+                         seed=args.seed, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                         no_repeat_ngram_size=args.no_repeat_ngram_size,
+                         repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens)
     if cfg.temperature <= 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1 or cfg.max_new_tokens < 1:
         p.error("need --temperature > 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1")
+    if cfg.num_beams < 1 or cfg.no_repeat_ngram_size < 0 or cfg.min_new_tokens < 0:
+        p.error("need --num-beams >= 1, --no-repeat-ngram-size >= 0, --min-new-tokens >= 0")
+    if not 0 < cfg.repetition_penalty < math.inf or not math.isfinite(cfg.length_penalty):
+        p.error("need --repetition-penalty > 0 and a finite --length-penalty")
     if args.batch_size < 1 or args.show < 0:
         p.error("need --batch-size >= 1 and --show >= 0")
     return cfg
@@ -124,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         if not os.path.isfile(vocab):
             raise ValueError(f"--vocab-file is needed: {args.load} holds no vocab.txt")
         tok = M6Tokenizer.from_vocab_file(vocab)
-        model = load_model(args.load, pick_device(args.device))
+        model = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"--vocab-file has {tok.vocab_size} tokens but the model only "
                              f"{model.cfg.vocab_size}: not the vocabulary it was trained with")
