@@ -78,4 +78,5 @@ def test_the_log_line_shows_tflops_and_mfu_against_a_named_peak():
         tflops = float(re.search(r"TFLOP/s/GPU ([\d.e+-]+)", line).group(1))
         mfu = float(re.search(r"MFU ([\d.e+-]+)%", line).group(1))
         assert tflops > 0
-        assert mfu == pytest.approx(100 * tflops / 0.5, rel=1e-3)  # both printed to 4 and 3 digits
+        # Printed to 4 and 3 significant digits: rounding moves them by up to 5e-4 and 5e-3.
+        assert mfu == pytest.approx(100 * tflops / 0.5, rel=5.5e-3)
