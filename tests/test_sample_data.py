@@ -1,24 +1,33 @@
+import hashlib
+import importlib.util
 import io
 import json
+import os
 import random
 import re
 import subprocess
 import sys
 import unicodedata
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from megatron_m6.data import sample_data
 from megatron_m6.data.sample_data import (
     CELL_NAMES,
     COLOUR_JITTER,
     COLOURS,
     COUNT_WORDS,
+    FINETUNE_PROMPTS,
+    MANIFEST,
     SHAPES,
     cell_box,
     draw_scene,
+    draw_scene_with_attributes,
+    make_downstream_data,
     make_sample_data,
     make_text_corpus,
 )
@@ -140,3 +149,230 @@ def test_cli(tmp_path):
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "train_images=3" in out
     assert (tmp_path / "vocab.txt").is_file()
+
+
+# Downstream sets. Sizes are small but large enough for the text-only guesser's bound below.
+SEED = 3
+SMALL = {"caption_images": (20, 5, 10), "vqa_images": (300, 20, 150), "itm_images": (30, 5, 10),
+         "retrieval_images": 40, "text_generation_rows": (200, 20, 100)}
+FILES = {  # file -> its keys
+    **{f"caption_{s}.jsonl": {"image", "caption"} for s in ("train", "valid", "test")},
+    **{f"vqa_{s}.jsonl": {"image", "question", "answer", "question_type"} for s in ("train", "valid", "test")},
+    **{f"itm_{s}.jsonl": {"image", "text", "label", "changed"} for s in ("train", "valid", "test")},
+    "retrieval_test.jsonl": {"image", "text"},
+    **{f"text_generation_{s}.jsonl": {"source", "target"} for s in ("train", "valid", "test")},
+}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text("utf-8").splitlines()]
+
+
+def scene_from_pixels(path):
+    """(position, count, colour, shape) words read off an image: an independent reference for the labels."""
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=np.int16)
+    ink = ~(pixels == 255).all(-1)
+    colours = [c for c, rgb in COLOURS.items() if (np.abs(pixels[ink] - rgb) <= COLOUR_JITTER + 5).all()]
+    assert len(colours) == 1, path
+    found = blobs(ink)
+    size = pixels.shape[0]
+    cells = {i for i in range(9) for b in found for y, x in b
+             if cell_box(i, size)[0] <= x < cell_box(i, size)[2] and cell_box(i, size)[1] <= y < cell_box(i, size)[3]}
+    shapes = set()
+    for b in found:
+        ys, xs = zip(*b)
+        fill = len(b) / ((max(ys) - min(ys) + 1) * (max(xs) - min(xs) + 1))
+        # Measured at 96 px: squares fill their box, discs 0.75-0.80 of it, triangles 0.50-0.55.
+        shapes.add("正方形" if fill > 0.9 else "圆形" if fill > 0.65 else "三角形")
+    assert len(cells) == 1 and len(shapes) == 1, path
+    return CELL_NAMES[cells.pop()], COUNT_WORDS[len(found) - 1], colours[0], shapes.pop()
+
+
+def caption_of(words):
+    position, count, colour, shape = words
+    return f"{position}有{count}个{colour}的{shape}"
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """A pretraining set and, inside it, the downstream sets of the same seed."""
+    root = tmp_path_factory.mktemp("sample")
+    make_sample_data(str(root), 200, 50, 100, 96, SEED, vocab_size=300)
+    manifest = make_downstream_data(str(root / "downstream"), SEED, 96, vocab_file=str(root / "vocab.txt"), **SMALL)
+    return root, manifest
+
+
+def test_draw_scene_with_attributes_agrees_with_draw_scene(tmp_path):
+    a, b = random.Random(11), random.Random(11)
+    for i in range(20):
+        img, caption = draw_scene(a, 96)
+        img2, scene = draw_scene_with_attributes(b, 96)
+        assert png_bytes(img) == png_bytes(img2) and caption == scene.caption
+        img.save(tmp_path / f"{i}.png")
+        assert caption_of(scene_from_pixels(tmp_path / f"{i}.png")) == caption
+    assert a.random() == b.random()
+
+
+def test_downstream_schemas(sets):
+    root, manifest = sets
+    out = root / "downstream"
+    assert not list(out.rglob(".*.tmp")), "temporary files left behind"
+    assert set(manifest["rows"]) == set(FILES) and json.loads((out / MANIFEST).read_text("utf-8")) == manifest
+    assert manifest["images"] == len(list((out / "images").glob("*.png"))) == 590
+    rows = {name: read_jsonl(out / name) for name in FILES}
+    for name, keys in FILES.items():
+        assert len(rows[name]) == manifest["rows"][name] and all(set(r) == keys for r in rows[name]), name
+    for task, per_image in (("caption", 1), ("vqa", 3), ("itm", 2)):
+        for split, n in zip(("train", "valid", "test"), SMALL[f"{task}_images"]):
+            images = [r["image"] for r in rows[f"{task}_{split}.jsonl"]]
+            assert images == [f"images/{task}_{split}_{i:05d}.png" for i in range(n) for _ in range(per_image)]
+    for split in ("train", "valid", "test"):
+        vqa = rows[f"vqa_{split}.jsonl"]
+        assert all(len({r["question_type"] for r in vqa[i:i + 3]}) == 3 for i in range(0, len(vqa), 3))
+        assert {r["question_type"] for r in vqa} == {"count", "position", "colour", "shape"}
+        itm = rows[f"itm_{split}.jsonl"]
+        assert [(r["label"], r["changed"] is None) for r in itm] == [(1, True), (0, False)] * (len(itm) // 2)
+    retrieval = rows["retrieval_test.jsonl"]
+    assert [r["image"] for r in retrieval] == [f"images/retrieval_test_{i:05d}.png" for i in range(40)]
+    assert len({r["text"] for r in retrieval}) == 40
+    with Image.open(out / retrieval[0]["image"]) as img:
+        assert img.size == (96, 96) and img.mode == "RGB"
+
+
+def test_downstream_labels_agree_with_pixels(sets):
+    out = sets[0] / "downstream"
+    for row in read_jsonl(out / "caption_train.jsonl") + read_jsonl(out / "retrieval_test.jsonl"):
+        assert row.get("caption", row.get("text")) == caption_of(scene_from_pixels(out / row["image"]))
+    for row in read_jsonl(out / "vqa_train.jsonl")[:150]:
+        position, count, colour, shape = scene_from_pixels(out / row["image"])
+        expected = {"count": (f"图中有几个{shape}？", f"{count}个"), "position": (f"{colour}的图形在哪里？", position),
+                    "colour": (f"图中的{shape}是什么颜色？", colour), "shape": (f"{position}的图形是什么形状？", shape)}
+        assert (row["question"], row["answer"]) == expected[row["question_type"]], row
+    changed = Counter()
+    for pos, neg in zip(*[iter(read_jsonl(out / "itm_train.jsonl"))] * 2):
+        truth = scene_from_pixels(out / pos["image"])
+        assert pos["text"] == caption_of(truth)
+        differs = [name for name, a, b in zip(("position", "count", "colour", "shape"), truth,
+                                              CAPTION_RE.match(neg["text"]).groups()) if a != b]
+        assert differs == [neg["changed"]], neg
+        changed[neg["changed"]] += 1
+    assert len(changed) == 4, changed
+
+
+def test_text_generation_answers_and_splits(sets):
+    out = sets[0] / "downstream"
+    splits = [read_jsonl(out / f"text_generation_{s}.jsonl") for s in ("train", "valid", "test")]
+    sources = [r["source"] for rows in splits for r in rows]
+    assert len(set(sources)) == len(sources), "a source string repeats (within or across splits)"
+    checked = Counter()
+    for row in (r for rows in splits for r in rows):
+        assert row["target"] and row["target"] in row["source"].rsplit("。", 1)[0], row
+        for kind, question, fact in (("temperature", r"(..)今天的气温是多少度？$", r"{}今天的气温是(\d+度)。"),
+                                     ("price", r"(..)多少钱一份？$", r"这家店的{}卖(\d+元)一份。")):
+            if m := re.search(question, row["source"]):
+                assert re.findall(fact.format(m[1]), row["source"]) == [row["target"]], row
+                checked[kind, row["source"].count("。") == 2] += 1
+    assert len(checked) == 4 and min(checked.values()) >= 5, checked  # with and without a second fact
+
+
+def test_downstream_text_has_no_unk(sets):
+    root = sets[0]
+    tok = M6Tokenizer.from_vocab_file(str(root / "vocab.txt"))
+    texts = list(FINETUNE_PROMPTS) + [str(n) for n in range(2100)]
+    for name in FILES:
+        for row in read_jsonl(root / "downstream" / name):
+            texts += [v for k, v in row.items() if k in {"caption", "question", "answer", "text", "source", "target"}]
+            texts += [f"“{row['text']}”是否描述了这张图片？"] if name.startswith("itm") else []
+    assert [t for t in texts if tok.unk_id in tok.encode(t)] == []
+
+
+def pixel_digests(folder):
+    digests = set()
+    for path in Path(folder).glob("*.png"):
+        with Image.open(path) as img:
+            digests.add(hashlib.sha256(np.asarray(img.convert("RGB")).tobytes()).hexdigest())
+    return digests
+
+
+def test_downstream_images_are_new(sets):
+    root = sets[0]
+    pretraining, downstream = pixel_digests(root / "images"), pixel_digests(root / "downstream" / "images")
+    assert len(pretraining) == 250 and len(downstream) == 590  # no repeats within either
+    assert not pretraining & downstream
+
+
+def test_text_only_guesser_is_near_chance(sets):
+    """The best guess from the question alone (its most common answer in train) scores near chance on test."""
+    out = sets[0] / "downstream"
+    answers = defaultdict(Counter)
+    for row in read_jsonl(out / "vqa_train.jsonl"):
+        answers[row["question"]][row["answer"]] += 1
+    for question, counts in answers.items():
+        if question.startswith("图中有几个"):
+            assert set(counts) == {"一个", "两个", "三个"}, question
+        if sum(counts.values()) >= 30:
+            assert max(counts.values()) < 0.6 * sum(counts.values()), (question, counts)
+    test = read_jsonl(out / "vqa_test.jsonl")
+    hits = sum(answers[r["question"]].most_common(1)[0][0] == r["answer"] for r in test if r["question"] in answers)
+    # Chance is about 0.26 (1/3 count, 1/9 position, 1/4 colour, 1/3 shape); 450 questions give a
+    # standard error near 0.02, so 0.4 is far above chance and far below what the image allows (1.0).
+    assert hits / len(test) < 0.4
+
+
+TINY = {"caption_images": (2, 1, 1), "vqa_images": (2, 1, 1), "itm_images": (2, 1, 1), "retrieval_images": 3,
+        "text_generation_rows": (5, 2, 2)}
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_downstream_is_deterministic(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        make_downstream_data(str(tmp_path / name), seed, 48, **TINY)
+    a, b, c = (files_of(tmp_path / name) for name in "abc")
+    assert a == b
+    assert set(a) == set(c) and all(a[p] != c[p] for p in a if p.suffix == ".png")
+
+
+def test_manifest_comes_last(tmp_path, monkeypatch):
+    renamed, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(Path(dst).name), real_replace(src, dst)))
+    make_downstream_data(str(tmp_path), 0, 48, **TINY)
+    assert sorted(renamed) == sorted(p.name for p in tmp_path.rglob("*") if p.is_file()), "not all renamed in"
+    assert renamed[-1] == MANIFEST
+
+    def fail(rng):
+        raise RuntimeError("simulated failure")
+    monkeypatch.setattr(sample_data, "_reading_example", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        make_downstream_data(str(tmp_path), 0, 48, **TINY)
+    assert not (tmp_path / MANIFEST).exists(), "an incomplete rewrite kept the old manifest"
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("prepare_sample_data", REPO / "tools" / "prepare_sample_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_downstream(tmp_path, capsys):
+    main = load_cli()
+    small = ["--num-train-images", "3", "--num-test-images", "1", "--num-text-docs", "5", "--image-size", "48",
+             "--vocab-size", "200", "--caption-images", "1", "1", "1", "--vqa-images", "1", "1", "1",
+             "--itm-images", "1", "1", "1", "--retrieval-images", "2", "--text-generation-rows", "3", "1", "1"]
+    main(["--output-dir", str(tmp_path / "a"), "--downstream", *small])  # no vocab.txt yet: writes both
+    assert (tmp_path / "a" / "vocab.txt").is_file() and (tmp_path / "a" / "downstream" / MANIFEST).is_file()
+    make_sample_data(str(tmp_path / "b"), 3, 1, 5, 48, 0, 200)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    main(["--output-dir", str(tmp_path / "b"), "--downstream", *small])
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before, "the pretraining set changed"
+    assert files_of(tmp_path / "b" / "downstream") == files_of(tmp_path / "a" / "downstream")
+    build_vocab(["左上角有两个红色的圆形"], str(tmp_path / "b" / "vocab.txt"), vocab_size=200)  # an older vocab
+    for argv, message in (([str(tmp_path / "b"), "--downstream"], "predates the downstream sets"),
+                          ([str(tmp_path / "c"), "--vqa-images", "1", "1", "1"], "--vqa-images needs --downstream")):
+        with pytest.raises(SystemExit):
+            main(["--output-dir", *argv])
+        assert message in capsys.readouterr().err

@@ -1,6 +1,11 @@
-"""Write the procedural sample data set (images, captions, Chinese text, vocab.txt) for pretraining.
+"""Write the procedural sample data set (images, captions, Chinese text, vocab.txt), or its downstream sets.
 
     python tools/prepare_sample_data.py --output-dir data/sample
+    python tools/prepare_sample_data.py --output-dir data/sample --downstream   # OUTPUT_DIR/downstream/
+
+--downstream writes only the fine-tuning sets (captioning, VQA, image-text matching, retrieval,
+reading comprehension) and leaves the pretraining set alone; where OUTPUT_DIR has no vocab.txt yet,
+it writes the pretraining set first, since that vocab.txt is the one that covers the downstream text.
 """
 
 from __future__ import annotations
@@ -12,7 +17,32 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # uninstalled repo
 
-from megatron_m6.data.sample_data import make_sample_data  # noqa: E402
+from megatron_m6.data.sample_data import make_downstream_data, make_sample_data  # noqa: E402
+
+DOWNSTREAM_SIZES = {  # flag -> (default, what it counts); three values are train, valid, test
+    "caption_images": ((1000, 100, 300), "images, one caption each"),
+    "vqa_images": ((1000, 100, 300), "images, three questions each"),
+    "itm_images": ((1000, 100, 200), "images, a positive and a hard negative text each"),
+    "retrieval_images": (100, "test images with distinct captions"),
+    "text_generation_rows": ((2000, 100, 300), "reading-comprehension rows"),
+}
+
+
+def _add_downstream_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("downstream sets (with --downstream)")
+    group.add_argument("--downstream", action="store_true",
+                       help="write OUTPUT_DIR/downstream/ only (and the pretraining set if vocab.txt is absent)")
+    for name, (default, counts) in DOWNSTREAM_SIZES.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, tuple):
+            group.add_argument(flag, type=int, nargs=3, default=list(default), metavar=("TRAIN", "VALID", "TEST"),
+                               help=f"{counts} (default {' '.join(map(str, default))})")
+        else:
+            group.add_argument(flag, type=int, default=default, metavar="N", help=f"{counts} (default {default})")
+
+
+def _summary(summary: dict, start: float) -> str:
+    return " ".join(f"{k}={v}" for k, v in summary.items()) + f" seconds={time.perf_counter() - start:.1f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,11 +54,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=4000)
+    _add_downstream_flags(p)
     args = p.parse_args(argv)
+    given = [name for name in DOWNSTREAM_SIZES if getattr(args, name) != p.get_default(name)]
+    if given and not args.downstream:
+        p.error(f"--{given[0].replace('_', '-')} needs --downstream")
     start = time.perf_counter()
-    summary = make_sample_data(args.output_dir, args.num_train_images, args.num_test_images,
-                               args.num_text_docs, args.image_size, args.seed, args.vocab_size)
-    print(" ".join(f"{k}={v}" for k, v in summary.items()), f"seconds={time.perf_counter() - start:.1f}")
+    vocab_file = os.path.join(args.output_dir, "vocab.txt")
+    if not args.downstream or not os.path.isfile(vocab_file):
+        summary = make_sample_data(args.output_dir, args.num_train_images, args.num_test_images,
+                                   args.num_text_docs, args.image_size, args.seed, args.vocab_size)
+        print(_summary(summary, start))
+    if args.downstream:
+        start = time.perf_counter()
+        out_dir = os.path.join(args.output_dir, "downstream")
+        try:
+            summary = make_downstream_data(out_dir, args.seed, args.image_size, vocab_file=vocab_file,
+                                           **{name: getattr(args, name) for name in DOWNSTREAM_SIZES})
+        except ValueError as e:
+            p.error(str(e))
+        print(_summary({"out_dir": out_dir, "images": summary["images"], **summary["rows"]}, start))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Images are a few identical coloured shapes drawn in one cell of a 3x3 grid, captioned in Chinese
 ("左上角有两个红色的圆形"), so captioning is learnable but needs the image. The text corpus is
 original Chinese sentences on everyday topics plus templated sentences using the same words.
-Everything is deterministic from a seed.
+make_downstream_data writes fine-tuning sets from the same world (captioning, VQA, image-text
+matching, retrieval, reading comprehension) on images of their own. Everything is deterministic
+from a seed.
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from megatron_m6.tokenizer import build_vocab
+from megatron_m6.tokenizer import M6Tokenizer, build_vocab
 
 CELL_NAMES = ["左上角", "上方", "右上角", "左侧", "中间", "右侧", "左下角", "下方", "右下角"]
 COLOURS = {"红色": (220, 40, 40), "绿色": (40, 170, 60), "蓝色": (40, 70, 220), "黄色": (235, 200, 30)}
 SHAPES = ["圆形", "正方形", "三角形"]
 COUNT_WORDS = ["一", "两", "三"]  # 1, 2, 3 ("两个", not "二个")
 COLOUR_JITTER = 20  # per channel, so pixels stay within 20 of the named colour
+CAPTION_TEMPLATE = "{position}有{count}个{colour}的{shape}"
 
 PARAGRAPHS = [
     # Weather and seasons.
@@ -71,6 +77,39 @@ CITIES = ["北京", "上海", "广州", "杭州", "成都", "西安", "南京", 
 FOODS = ["面条", "饺子", "包子", "米饭", "馄饨"]
 WEATHER = ["晴", "多云", "小雨", "大风"]
 SUBJECTS = ["Python", "English", "AI", "Linux"]
+
+# Downstream sets (make_downstream_data). VQA: question type -> (question, answer), slots from Scene.words.
+VQA_TEMPLATES = {
+    "count": ("图中有几个{shape}？", "{count}个"),
+    "position": ("{colour}的图形在哪里？", "{position}"),
+    "colour": ("图中的{shape}是什么颜色？", "{colour}"),
+    "shape": ("{position}的图形是什么形状？", "{shape}"),
+}
+# Reading comprehension over _fact_sentence's facts: (fact, question, answer), slots from _reading_slots.
+READING_TEMPLATES = [
+    ("{city}今天的气温是{temp}度。", "{city}今天的气温是多少度？", "{temp}度"),
+    ("这家店的{food}卖{price}元一份。", "{food}多少钱一份？", "{price}元"),
+    ("这本书一共有{pages}页，我已经读了{read}页。", "这本书一共有多少页？", "{pages}页"),
+    ("这本书一共有{pages}页，我已经读了{read}页。", "我已经读了多少页？", "{read}页"),
+    ("他在{year}年第一次去了{city}。", "他哪一年第一次去了{city}？", "{year}年"),
+    ("他在{year}年第一次去了{city}。", "他在{year}年第一次去了哪里？", "{city}"),
+    ("今天是{month}月{day}日，天气{weather}。", "今天天气怎么样？", "{weather}"),
+    ("今天是{month}月{day}日，天气{weather}。", "今天是几月几日？", "{month}月{day}日"),
+    ("我每天花{minutes}分钟学习 {subject}。", "我每天花多少分钟学习 {subject}？", "{minutes}分钟"),
+]
+# Text the fine-tuning code adds around the data (image-text matching asks and answers).
+FINETUNE_PROMPTS = ["“”是否描述了这张图片？", "是", "否"]
+# Every word the downstream sets and prompts use, given to build_vocab so none becomes [UNK]: the
+# templates without their slots, every slot word, and the digits alone and after a digit ("##"
+# pieces), from which WordPiece spells any number.
+_TEMPLATES = [CAPTION_TEMPLATE, *(t for pair in VQA_TEMPLATES.values() for t in pair),
+              *(t for row in READING_TEMPLATES for t in row)]
+DOWNSTREAM_TEXT = "\n".join([
+    *(re.sub(r"\{\w+\}", " ", t) for t in _TEMPLATES),
+    " ".join(CELL_NAMES + list(COLOURS) + SHAPES + COUNT_WORDS + CITIES + FOODS + WEATHER + SUBJECTS),
+    " ".join(str(n) for n in range(20)),
+    *FINETUNE_PROMPTS,
+])
 
 
 def _fact_sentence(rng: random.Random) -> str:
@@ -141,40 +180,79 @@ def cell_box(index: int, image_size: int) -> tuple[int, int, int, int]:
             (col + 1) * image_size // 3, (row + 1) * image_size // 3)
 
 
-def draw_scene(rng: random.Random | np.random.Generator, image_size: int) -> tuple[Image.Image, str]:
-    """One captioned image: 1-3 identical shapes of one colour, all inside one grid cell.
-    A numpy Generator only seeds a random.Random, so both kinds of rng draw the same way."""
+def _check_image_size(image_size: int) -> None:
     if image_size < 48:
         raise ValueError(f"image_size must be at least 48, got {image_size}")
-    if isinstance(rng, np.random.Generator):
-        rng = random.Random(int(rng.integers(2**63)))
-    cell_index, count = rng.randrange(9), rng.randint(1, 3)
-    colour_name, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows: count identical shapes of one colour inside grid cell `cell`."""
+    cell: int  # row-major index into CELL_NAMES
+    count: int  # 1-3
+    colour: str  # a key of COLOURS
+    shape: str  # one of SHAPES
+
+    def words(self) -> dict[str, str]:
+        """The Chinese word of each attribute, the slots of CAPTION_TEMPLATE and VQA_TEMPLATES."""
+        return {"position": CELL_NAMES[self.cell], "count": COUNT_WORDS[self.count - 1],
+                "colour": self.colour, "shape": self.shape}
+
+    @property
+    def caption(self) -> str:
+        return CAPTION_TEMPLATE.format(**self.words())
+
+
+def render_scene(rng: random.Random, scene: Scene, image_size: int) -> Image.Image:
+    """Draw scene with rng choosing the colour's jitter, the shapes' size and their places."""
+    _check_image_size(image_size)
     colour = tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER)))
-                   for c in COLOURS[colour_name])
-    cell = cell_box(cell_index, image_size)
+                   for c in COLOURS[scene.colour])
+    cell = cell_box(scene.cell, image_size)
     for size in range(rng.randint(image_size // 7, image_size // 5), 2, -1):
-        if corners := _place(rng, count, size, cell):  # else shrink: three may not fit
+        if corners := _place(rng, scene.count, size, cell):  # else shrink: three may not fit
             break
     else:
-        raise RuntimeError(f"cannot place {count} shapes in a {image_size} px image")
+        raise RuntimeError(f"cannot place {scene.count} shapes in a {image_size} px image")
     img = Image.new("RGB", (image_size, image_size), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for x, y in corners:
         box = (x, y, x + size - 1, y + size - 1)
-        if shape == "圆形":
+        if scene.shape == "圆形":
             draw.ellipse(box, fill=colour)
-        elif shape == "正方形":
+        elif scene.shape == "正方形":
             draw.rectangle(box, fill=colour)
         else:
             draw.polygon([(x, y + size - 1), (x + size - 1, y + size - 1), (x + (size - 1) / 2, y)],
                          fill=colour)
-    caption = f"{CELL_NAMES[cell_index]}有{COUNT_WORDS[count - 1]}个{colour_name}的{shape}"
-    return img, caption
+    return img
+
+
+def draw_scene_with_attributes(rng: random.Random | np.random.Generator,
+                               image_size: int) -> tuple[Image.Image, Scene]:
+    """A random scene and its image, so downstream tasks can ask about the attributes.
+    A numpy Generator only seeds a random.Random, so both kinds of rng draw the same way."""
+    _check_image_size(image_size)
+    if isinstance(rng, np.random.Generator):
+        rng = random.Random(int(rng.integers(2**63)))
+    cell, count = rng.randrange(9), rng.randint(1, 3)
+    scene = Scene(cell, count, rng.choice(list(COLOURS)), rng.choice(SHAPES))
+    return render_scene(rng, scene, image_size), scene
+
+
+def draw_scene(rng: random.Random | np.random.Generator, image_size: int) -> tuple[Image.Image, str]:
+    """One captioned image: 1-3 identical shapes of one colour, all inside one grid cell."""
+    img, scene = draw_scene_with_attributes(rng, image_size)
+    return img, scene.caption
 
 
 def _tmp_name(path: str) -> str:
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+
+
+def _save_png(img: Image.Image, path: str) -> None:
+    img.save(_tmp_name(path), format="PNG")
+    os.replace(_tmp_name(path), path)
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -190,9 +268,7 @@ def _write_images(out_dir: str, split: str, n: int, image_size: int, seed: int) 
     for i in range(n):
         img, caption = draw_scene(rng, image_size)
         rel = f"images/{split}_{i:05d}.png"
-        path = os.path.join(out_dir, rel)
-        img.save(_tmp_name(path), format="PNG")
-        os.replace(_tmp_name(path), path)
+        _save_png(img, os.path.join(out_dir, rel))
         rows.append({"image": rel, "text": caption})
     return rows
 
@@ -213,7 +289,173 @@ def make_sample_data(out_dir: str, num_train_images: int = 2000, num_test_images
     _write_jsonl(os.path.join(out_dir, "captions_train.jsonl"), train)
     _write_jsonl(os.path.join(out_dir, "captions_test.jsonl"), test)
     _write_jsonl(os.path.join(out_dir, "text.jsonl"), [{"text": doc} for doc in docs])
-    tok = build_vocab(docs + [pair["text"] for pair in train + test], os.path.join(out_dir, "vocab.txt"),
-                      vocab_size=vocab_size)
+    texts = docs + [pair["text"] for pair in train + test] + [DOWNSTREAM_TEXT]  # so downstream encodes too
+    tok = build_vocab(texts, os.path.join(out_dir, "vocab.txt"), vocab_size=vocab_size)
     return {"out_dir": out_dir, "train_images": len(train), "test_images": len(test),
             "text_docs": len(docs), "vocab_size": tok.vocab_size}
+
+
+# Downstream sets: new images from streams the pretraining data never draws from.
+SPLITS = ("train", "valid", "test")
+MANIFEST = "downstream.json"
+ALL_SCENES = [Scene(cell, count, colour, shape) for cell in range(9) for count in (1, 2, 3)
+              for colour in COLOURS for shape in SHAPES]
+_ATTRIBUTE_VALUES = {  # ITM's attribute name -> (Scene field, its values)
+    "position": ("cell", range(9)), "count": ("count", (1, 2, 3)),
+    "colour": ("colour", tuple(COLOURS)), "shape": ("shape", tuple(SHAPES)),
+}
+
+
+def _vqa_rows(image: str, scene: Scene, rng: random.Random) -> list[dict]:
+    """All question types but one, drawn at random: three questions about one image."""
+    skipped, words = rng.choice(list(VQA_TEMPLATES)), scene.words()
+    return [{"image": image, "question": q.format(**words), "answer": a.format(**words), "question_type": kind}
+            for kind, (q, a) in VQA_TEMPLATES.items() if kind != skipped]
+
+
+def _change_one_attribute(rng: random.Random, scene: Scene) -> tuple[str, Scene]:
+    """scene with one attribute, drawn at random, set to another value: a hard ITM negative."""
+    attribute = rng.choice(list(_ATTRIBUTE_VALUES))
+    field, values = _ATTRIBUTE_VALUES[attribute]
+    value = rng.choice([v for v in values if v != getattr(scene, field)])
+    return attribute, replace(scene, **{field: value})
+
+
+def _itm_rows(image: str, scene: Scene, rng: random.Random) -> list[dict]:
+    """The true caption and a hard negative for each image, so labels are exactly balanced."""
+    changed, negative = _change_one_attribute(rng, scene)
+    return [{"image": image, "text": scene.caption, "label": 1, "changed": None},
+            {"image": image, "text": negative.caption, "label": 0, "changed": changed}]
+
+
+def _caption_rows(image: str, scene: Scene, rng: random.Random) -> list[dict]:
+    return [{"image": image, "caption": scene.caption}]
+
+
+_IMAGE_TASK_ROWS = {"caption": _caption_rows, "vqa": _vqa_rows, "itm": _itm_rows}
+
+
+def _downstream_rng(seed: int, task: str, split: str) -> random.Random:
+    """A stream of its own per task and split; pretraining's are f"{seed}:train" and f"{seed}:test"."""
+    return random.Random(f"{seed}:downstream:{task}:{split}")
+
+
+def _image_task(out_dir: str, task: str, split: str, n: int, image_size: int, seed: int) -> list[dict]:
+    """Draw and save n images for task's split, with their rows."""
+    rng, rows = _downstream_rng(seed, task, split), []
+    for i in range(n):
+        img, scene = draw_scene_with_attributes(rng, image_size)
+        image = f"images/{task}_{split}_{i:05d}.png"
+        _save_png(img, os.path.join(out_dir, image))
+        rows += _IMAGE_TASK_ROWS[task](image, scene, rng)
+    return rows
+
+
+def _retrieval(out_dir: str, n: int, image_size: int, seed: int) -> list[dict]:
+    """n images of n different scenes, so every caption names exactly one image."""
+    rng, rows = _downstream_rng(seed, "retrieval", "test"), []
+    for i, scene in enumerate(rng.sample(ALL_SCENES, n)):
+        image = f"images/retrieval_test_{i:05d}.png"
+        _save_png(render_scene(rng, scene, image_size), os.path.join(out_dir, image))
+        rows.append({"image": image, "text": scene.caption})
+    return rows
+
+
+def _reading_slots(rng: random.Random) -> dict[str, str | int]:
+    """Values for every READING_TEMPLATES slot, in _fact_sentence's ranges."""
+    return {"city": rng.choice(CITIES), "temp": rng.randint(0, 35), "food": rng.choice(FOODS),
+            "price": rng.randint(5, 30), "pages": rng.randint(100, 400), "read": rng.randint(1, 99),
+            "year": rng.randint(1990, 2024), "month": rng.randint(1, 12), "day": rng.randint(1, 28),
+            "weather": rng.choice(WEATHER), "minutes": rng.randint(10, 90), "subject": rng.choice(SUBJECTS)}
+
+
+def _reading_example(rng: random.Random) -> dict:
+    """A fact and a question about it; half the time a second fact of the same kind stands beside
+    it when the question tells them apart, so the answer must be read, not just copied."""
+    fact, question, answer = rng.choice(READING_TEMPLATES)
+    slots, other = _reading_slots(rng), _reading_slots(rng)
+    facts = [fact.format(**slots)]
+    if rng.random() < 0.5 and question.format(**other) != question.format(**slots):
+        facts.insert(rng.randrange(2), fact.format(**other))
+    return {"source": "".join(facts) + question.format(**slots), "target": answer.format(**slots)}
+
+
+def _text_generation(sizes: Sequence[int], seed: int) -> list[list[dict]]:
+    """Rows of each split; no source string appears twice, within or across splits."""
+    seen: set[str] = set()
+    splits = []
+    for split, n in zip(SPLITS, sizes):
+        rng, rows = _downstream_rng(seed, "text_generation", split), []
+        for _ in range(100 * n):
+            if len(rows) == n:
+                break
+            row = _reading_example(rng)
+            if row["source"] not in seen:
+                seen.add(row["source"])
+                rows.append(row)
+        if len(rows) < n:
+            raise ValueError(f"cannot draw {n} new distinct text-generation sources for {split}")
+        splits.append(rows)
+    return splits
+
+
+def check_vocab_covers_downstream(vocab_file: str) -> None:
+    """Raise if vocab_file turns downstream text into [UNK] (a vocab.txt older than DOWNSTREAM_TEXT)."""
+    tok = M6Tokenizer.from_vocab_file(vocab_file)
+    if tok.unk_id in tok.encode(DOWNSTREAM_TEXT):
+        raise ValueError(f"{vocab_file} predates the downstream sets and lacks tokens they use; write the "
+                         "pretraining set again (its images and texts come out byte-identical, vocab.txt gains "
+                         "tokens, so ids shift: a model trained on the old vocab.txt needs the old one)")
+
+
+def _check_sizes(per_split: dict[str, Sequence[int]], retrieval_images: int) -> None:
+    for name, sizes in per_split.items():
+        if len(sizes) != len(SPLITS) or min(sizes) < 0:
+            raise ValueError(f"{name} must be three counts >= 0 (train, valid, test), got {list(sizes)}")
+    if not 0 <= retrieval_images <= len(ALL_SCENES):
+        raise ValueError(f"retrieval_images must be 0-{len(ALL_SCENES)} (there are no more distinct captions), "
+                         f"got {retrieval_images}")
+
+
+def make_downstream_data(out_dir: str, seed: int = 0, image_size: int = 96,
+                         caption_images: Sequence[int] = (1000, 100, 300),
+                         vqa_images: Sequence[int] = (1000, 100, 300),
+                         itm_images: Sequence[int] = (1000, 100, 200),
+                         retrieval_images: int = 100,
+                         text_generation_rows: Sequence[int] = (2000, 100, 300),
+                         vocab_file: str | None = None) -> dict:
+    """Write the downstream sets to out_dir and return the manifest. Sizes are (train, valid, test).
+
+    Files (image paths relative to out_dir): images/{task}_{split}_NNNNN.png; caption_{split}.jsonl
+    {"image", "caption"}; vqa_{split}.jsonl {"image", "question", "answer", "question_type"}, three
+    rows per image; itm_{split}.jsonl {"image", "text", "label", "changed"}, a positive then a hard
+    negative per image; retrieval_test.jsonl {"image", "text"}, distinct captions; and
+    text_generation_{split}.jsonl {"source", "target"}. Every file is written under a temporary name
+    and renamed, and the manifest downstream.json (the row counts) comes last, so its presence means
+    a complete set. With vocab_file, check first that it encodes every downstream word.
+    """
+    _check_sizes({"caption_images": caption_images, "vqa_images": vqa_images, "itm_images": itm_images,
+                  "text_generation_rows": text_generation_rows}, retrieval_images)
+    _check_image_size(image_size)
+    if vocab_file is not None:
+        check_vocab_covers_downstream(vocab_file)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    manifest = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(manifest):
+        os.remove(manifest)  # a rewrite is incomplete until its own manifest exists
+    files = {}
+    for task, sizes in (("caption", caption_images), ("vqa", vqa_images), ("itm", itm_images)):
+        for split, n in zip(SPLITS, sizes):
+            files[f"{task}_{split}.jsonl"] = _image_task(out_dir, task, split, n, image_size, seed)
+    files["retrieval_test.jsonl"] = _retrieval(out_dir, retrieval_images, image_size, seed)
+    for split, rows in zip(SPLITS, _text_generation(text_generation_rows, seed)):
+        files[f"text_generation_{split}.jsonl"] = rows
+    for name, rows in files.items():
+        _write_jsonl(os.path.join(out_dir, name), rows)
+    images = sum(caption_images) + sum(vqa_images) + sum(itm_images) + retrieval_images
+    summary = {"seed": seed, "image_size": image_size, "images": images,
+               "rows": {name: len(rows) for name, rows in files.items()}}
+    with open(_tmp_name(manifest), "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=1)
+    os.replace(_tmp_name(manifest), manifest)
+    return summary
