@@ -112,9 +112,20 @@ def build_layout(cfg: RunConfig, dims: ParallelDims, mesh: DeviceMesh | None,
     return stage_ids, parts, parallelize(parts, cfg, dims, mesh, device), n_params
 
 
-def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
-    """Build the model, its layout, the trainer and the training data loader from `cfg`
-    (resuming from `--load`); one clear error for a layout the world size cannot hold."""
+def resume(trainer: Trainer, cfg: RunConfig, log) -> None:
+    """Pretraining's start: where --load is given, continue from its latest checkpoint."""
+    if cfg.load:
+        trainer.load(cfg.load)
+        log(f"resumed from {cfg.load} at iteration {trainer.iteration} "
+            f"({trainer.consumed_samples} samples consumed)")
+
+
+def setup(cfg: RunConfig, log=print, datasets=build_datasets, start=resume,
+          trainer_class: type[Trainer] = Trainer) -> tuple[Trainer, DataLoader]:
+    """Build the model, its layout, the trainer and the training data loader from `cfg`; one
+    clear error for a layout the world size cannot hold. `datasets(cfg, tok)` gives the (train,
+    validation) datasets and `start(trainer, cfg, log)` the starting weights and position
+    (fine-tuning brings its own, megatron_m6/finetune.py)."""
     device = pick_device(cfg.device)
     tok = load_tokenizer(cfg)
     pad_id = tok.pad_id if tok else 0
@@ -131,18 +142,15 @@ def setup(cfg: RunConfig, log=print) -> tuple[Trainer, DataLoader]:
         log(f"M6 with {n_params / 1e6:.2f}M parameters on {device} "
             f"({'bf16 autocast' if cfg.bf16 else cfg.params_dtype}); {kernel_backends(cfg, device)}; layout: "
             f"TP{dims.tp} PP{dims.pp} EP{dims.ep} DP{dims.dp} ({cfg.data_parallel_sharding})")
-    train_set, eval_set = build_datasets(cfg, tok)
+    train_set, eval_set = datasets(cfg, tok)
     m = cfg.model
     loader = lambda ds, consumed: build_data_loader(ds, cfg.micro_batch_size, cfg.seq_length, pad_id,
                                                     m.image_size, consumed, cfg.num_workers,
                                                     parallel.dp_rank, dims.dp)
-    trainer = Trainer(cfg, model, device=device, log=log,
-                      eval_loader_fn=(lambda: loader(eval_set, 0)) if eval_set is not None else None,
-                      parallel=parallel)
-    if cfg.load:
-        trainer.load(cfg.load)
-        log(f"resumed from {cfg.load} at iteration {trainer.iteration} "
-            f"({trainer.consumed_samples} samples consumed)")
+    trainer = trainer_class(cfg, model, device=device, log=log,
+                            eval_loader_fn=(lambda: loader(eval_set, 0)) if eval_set is not None else None,
+                            parallel=parallel, vocab_sha256=tok.digest if tok else None)
+    start(trainer, cfg, log)
     return trainer, loader(train_set, trainer.consumed_samples)
 
 

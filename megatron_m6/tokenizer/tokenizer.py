@@ -13,6 +13,7 @@ So "M6模型 is big" decodes to "m6模型 is big" and "今天很好，走吧！"
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable
@@ -182,6 +183,12 @@ class M6Tokenizer:
         """Text of ids, spaced as the module docstring says; skip_special also drops "[UNK]"."""
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special)
         return _EXTRA_SPACE_RE.sub("", text)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the vocabulary, tokens in order: checkpoints record it, so weights are never
+        paired with another vocabulary whose size happens to pad to the same embedding."""
+        return hashlib.sha256("\n".join(self._vocab).encode("utf-8")).hexdigest()
 
     def token_to_id(self, token: str) -> int:
         if token not in self._index:

@@ -306,16 +306,20 @@ def load_model_weights(path: str, model: nn.Module) -> None:
     model.load_state_dict(state["model"])
 
 
-def load_checkpoint(load_dir: str, model: nn.Module, optimizer, model_cfg: ModelConfig) -> dict:
+def load_checkpoint(load_dir: str, model: nn.Module, optimizer, model_cfg: ModelConfig,
+                    load_optim: bool = True, load_rng: bool = True) -> dict:
     """Load model and optimizer (any layout into any layout) and this rank's RNG states when the
     world size matches; returns the checkpoint's meta (iteration, data position, arguments).
     A model-only checkpoint (meta["model_only"], written by tools/checkpoint/convert.py) loads
-    the weights alone: training starts from them at iteration 0 with a fresh optimizer."""
+    the weights alone: training starts from them at iteration 0 with a fresh optimizer. So does
+    load_optim=False (fine-tuning from a training checkpoint); load_rng=False keeps this run's
+    RNG streams."""
     path, meta = latest_checkpoint(load_dir)
     check_model_config(meta["model_config"], model_cfg)
     parts = list(model) if isinstance(model, nn.ModuleList) else [model]
+    load_optim = load_optim and not meta.get("model_only")
     state = {"model": model_state(parts)}
-    if not meta.get("model_only"):
+    if load_optim:
         state["optimizer"] = _optimizer_state(model, optimizer)
     _read(path, state)
     for part in parts:
@@ -323,9 +327,10 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer, model_cfg: Model
         set_model_state_dict(part, {k: state["model"][k] for k in own})
     if meta.get("model_only"):
         return meta
-    set_optimizer_state_dict(model, optimizer, _with_stage_index(model, state["optimizer"]), options=_FLAT)
+    if load_optim:
+        set_optimizer_state_dict(model, optimizer, _with_stage_index(model, state["optimizer"]), options=_FLAT)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if meta.get("world_size") == world:  # same world: every rank continues its own RNG streams
+    if load_rng and meta.get("world_size") == world:  # same world: every rank continues its own RNG streams
         rng_file = os.path.join(path, f"rng_{_rank():05d}.pt")
         if not os.path.isfile(rng_file):
             raise CheckpointError(f"{path} is incomplete: rng_{_rank():05d}.pt is missing")

@@ -74,7 +74,7 @@ class StepStats:
 class Trainer:
     def __init__(self, cfg: RunConfig, model: nn.Module, eval_loader_fn=None,
                  device: torch.device = torch.device("cpu"), log=print,
-                 parallel: ParallelState | None = None):
+                 parallel: ParallelState | None = None, vocab_sha256: str | None = None):
         self.cfg, self.model, self.device = cfg, model, device
         self.parallel = parallel or ParallelState(ParallelDims(world_size=1))
         self.log = log if self.parallel.is_logging_rank else (lambda line: None)
@@ -91,6 +91,7 @@ class Trainer:
         self.early_stop = StopAgreement(cfg)  # --exit-signal-handler, --exit-duration-in-mins
         self.timers = StepTimers(device)
         self.profiler = StepProfiler(cfg, device, dist.get_rank() if dist.is_initialized() else 0, log)
+        self.vocab_sha256 = vocab_sha256  # of the run's vocab.txt (None with --mock-data)
         self.writer = None
         if cfg.tensorboard_dir and self.parallel.is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
@@ -356,14 +357,17 @@ class Trainer:
     def save(self) -> None:
         """Model, optimizer and RNG states of every rank, plus the schedule position (the LR is
         a function of the iteration), data position, arguments and model config."""
-        meta = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-                "scheduler": {"iteration": self.iteration},
-                "model_config": dataclasses.asdict(self.cfg.model), "args": dataclasses.asdict(self.cfg)}
-        path = self.checkpointer.save(self.iteration, self.model, self.optimizer, meta)
+        path = self.checkpointer.save(self.iteration, self.model, self.optimizer, self.checkpoint_meta())
         if self.cfg.async_save:
             self.log(f"saving checkpoint at iteration {self.iteration} to {path} in the background")
         else:
             self.log(f"saved checkpoint at iteration {self.iteration} to {path}")
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint records besides the weights, optimizer and RNG states."""
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "scheduler": {"iteration": self.iteration}, "vocab_sha256": self.vocab_sha256,
+                "model_config": dataclasses.asdict(self.cfg.model), "args": dataclasses.asdict(self.cfg)}
 
     def finish_saving(self) -> None:
         """Wait for a background save to be written and published, and free its CPU copies."""
@@ -374,9 +378,23 @@ class Trainer:
         if iteration is not None:
             self.log(f"checkpoint at iteration {iteration} is complete (written in the background)")
 
-    def load(self, load_dir: str) -> None:
+    def load(self, load_dir: str) -> dict:
         """Resume from the latest checkpoint in `load_dir`, saved under any layout; the caller
-        builds the data loader from consumed_samples."""
-        meta = ckpt.load_checkpoint(load_dir, self.model, self.optimizer, self.cfg.model)
+        builds the data loader from consumed_samples. Returns the checkpoint's meta."""
+        meta = ckpt.load_checkpoint(load_dir, self.model, self.optimizer, self.cfg.model,
+                                    load_optim=not self.cfg.no_load_optim, load_rng=not self.cfg.no_load_rng)
         self.iteration = meta["iteration"]
         self.consumed_samples = meta["consumed_samples"]
+        return meta
+
+    def load_weights(self, load_dir: str) -> dict:
+        """Start from the weights of the latest checkpoint in `load_dir` (fine-tuning): a fresh
+        optimizer, schedule and iteration count, this run's RNG streams. A checkpoint trained on
+        another vocabulary is refused, even where the padded sizes agree."""
+        meta = ckpt.load_checkpoint(load_dir, self.model, self.optimizer, self.cfg.model,
+                                    load_optim=False, load_rng=False)
+        saved = meta.get("vocab_sha256")
+        if saved and self.vocab_sha256 and saved != self.vocab_sha256:
+            raise ckpt.CheckpointError(f"{load_dir} was trained with another vocabulary than "
+                                       f"{self.cfg.vocab_file or 'the shipped one'}: token ids would not match")
+        return meta
