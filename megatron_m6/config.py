@@ -17,7 +17,7 @@ from typing import Literal, get_args
 
 from megatron_m6.data.blending import parse_blend, parse_split
 from megatron_m6.data.indexed import dataset_exists
-from megatron_m6.data.task_spec import TASK_NAMES, min_seq_length
+from megatron_m6.data.task_spec import FINETUNE_TASKS, TASK_NAMES, min_seq_length
 
 
 class ConfigError(ValueError):
@@ -162,6 +162,18 @@ class RunConfig:
     num_layers_per_virtual_pipeline_stage: int | None = None
     pipeline_schedule: PipelineSchedule = "1f1b"  # interleaved with virtual stages
     distributed_timeout_minutes: float = 10.0  # a collective that waits longer fails (and dumps a trace)
+    # Fine-tuning (python -m megatron_m6.finetune; megatron_m6/data/downstream.py has the tasks).
+    task: str | None = None  # caption, vqa, itm or text_generation
+    train_data: str | None = None  # jsonl of the task
+    valid_data: str | None = None
+    pretrained_checkpoint: str | None = None  # weights to start from when --load holds none
+    finetune: bool = False  # --load's weights only: fresh optimizer, schedule and iteration count
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    epochs: float | None = None  # instead of --train-iters
+    save_best: bool = False  # keep the checkpoint of the best validation metric in SAVE/best
+    max_bad_fraction: float = 0.0  # rows whose image cannot be used, skipped up to this share
+    text_only: bool = False  # drop the images: the baseline that shows the image is used
     # Dry run: build one rank's real layout of a `world_size` job on the meta device, check it, exit.
     dry_run: bool = False
     world_size: int | None = None
@@ -356,6 +368,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, metavar="N",
                    help="keep only the newest N complete checkpoints under --save")
     g.add_argument("--tensorboard-dir", type=str, help="folder for TensorBoard event files")
+    g.add_argument("--no-load-optim", action="store_true", default=None,
+                   help="with --load: the weights, a fresh optimizer state")
+    g.add_argument("--no-load-rng", action="store_true", default=None,
+                   help="with --load: keep this run's RNG streams")
+    g = p.add_argument_group("fine-tuning (python -m megatron_m6.finetune)")
+    g.add_argument("--task", choices=FINETUNE_TASKS, help="the downstream task")
+    g.add_argument("--train-data", type=str,
+                   help="jsonl of the task (images relative to the file, data: URIs or base64)")
+    g.add_argument("--valid-data", type=str, help="jsonl the task's metric is measured on every --eval-interval")
+    g.add_argument("--pretrained-checkpoint", type=str,
+                   help="checkpoint whose weights fine-tuning starts from (when --load holds no checkpoint yet)")
+    g.add_argument("--finetune", action="store_true", default=None,
+                   help="load only --load's weights: fresh optimizer, schedule and iteration count")
+    g.add_argument("--epochs", type=float, help="passes over --train-data (instead of --train-iters)")
+    g.add_argument("--save-best", action="store_true", default=None,
+                   help="keep the checkpoint with the best validation metric in SAVE/best")
+    g.add_argument("--max-bad-fraction", type=float,
+                   help="skip rows whose image is missing or unreadable, up to this share (default 0)")
+    g.add_argument("--text-only", action="store_true", default=None,
+                   help="drop every image: the text-only baseline")
     return p
 
 
@@ -461,7 +493,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--train-iters must be at least 1")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
-    if not cfg.mock_data and not cfg.dry_run:  # a dry run builds the layout and reads no data
+    if cfg.task is not None:
+        validate_finetune(cfg)
+    elif not cfg.mock_data and not cfg.dry_run:  # a dry run builds the layout and reads no data
         validate_data(cfg)
     if cfg.keep_last is not None and cfg.keep_last < 1:
         raise ConfigError(f"--keep-last {cfg.keep_last} must be at least 1")
@@ -498,8 +532,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--world-size and --rank are for --dry-run (torchrun sets them otherwise)")
     if cfg.dry_run and not (cfg.world_size >= 1 and 0 <= cfg.rank < cfg.world_size):
         raise ConfigError(f"--rank {cfg.rank} is not in [0, --world-size {cfg.world_size})")
-    if cfg.load is not None and not os.path.isdir(cfg.load):
-        raise ConfigError(f"--load {cfg.load} does not exist")
+    if cfg.load is not None and not os.path.isdir(cfg.load) and not (cfg.task and cfg.pretrained_checkpoint):
+        raise ConfigError(f"--load {cfg.load} does not exist")  # fine-tuning starts from its pretrained one
 
 
 def used_tasks(cfg: RunConfig) -> list[str]:
@@ -570,7 +604,42 @@ def validate_data(cfg: RunConfig) -> None:
         raise ConfigError(f"--vocab-file {cfg.vocab_file} does not exist")
 
 
-def parse_args(argv: list[str] | None = None) -> RunConfig:
+FINETUNE_ONLY = ("train_data", "valid_data", "pretrained_checkpoint", "finetune", "epochs", "save_best",
+                 "max_bad_fraction", "text_only")
+
+
+def validate_finetune(cfg: RunConfig) -> None:
+    """A fine-tuning run: its data files, its starting point and its epochs make sense."""
+    if cfg.mock_data or cfg.data_path:
+        raise ConfigError("fine-tuning reads --train-data and --valid-data, not --data-path or --mock-data")
+    if not cfg.train_data:
+        raise ConfigError(f"--task {cfg.task} needs --train-data (a jsonl of the task)")
+    for flag, path in (("--train-data", cfg.train_data), ("--valid-data", cfg.valid_data),
+                       ("--vocab-file", cfg.vocab_file)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path} does not exist")
+    if cfg.pretrained_checkpoint is not None and not os.path.isdir(cfg.pretrained_checkpoint):
+        raise ConfigError(f"--pretrained-checkpoint {cfg.pretrained_checkpoint} does not exist")
+    if cfg.finetune and not cfg.load:
+        raise ConfigError("--finetune loads --load's weights: give --load DIR (or use --pretrained-checkpoint)")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise ConfigError("--epochs must be positive")
+    if cfg.save_best and not (cfg.save and cfg.valid_data and cfg.eval_interval):
+        raise ConfigError("--save-best needs --save, --valid-data and --eval-interval")
+    if not 0 <= cfg.max_bad_fraction < 1:
+        raise ConfigError(f"--max-bad-fraction must be in [0, 1), got {cfg.max_bad_fraction}")
+
+
+def parse_args(argv: list[str] | None = None, entry: str = "pretrain") -> RunConfig:
+    """The RunConfig of `argv` for `entry`, "pretrain" or "finetune" (which needs --task and
+    takes the fine-tuning flags); any impossible setting is a ConfigError."""
     cfg = config_from_args(build_parser().parse_args(argv))
+    if entry == "finetune" and cfg.task is None:
+        raise ConfigError(f"give --task ({', '.join(FINETUNE_TASKS)})")
+    if entry == "pretrain":
+        given = [k for k in ("task",) + FINETUNE_ONLY if getattr(cfg, k) != getattr(RunConfig, k)]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} is a fine-tuning flag: "
+                              "run python -m megatron_m6.finetune")
     validate(cfg)
     return cfg

@@ -60,6 +60,12 @@ def full_grads(model: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
 def train_steps(argv: list[str], steps: int = 3) -> tuple[list[float], list[dict]]:
     cfg = parse_args(TINY + argv + ["--no-resnet-bottleneck"])
     trainer, loader = setup(cfg, log=lambda line: None)
+    return record_steps(trainer, loader, steps)
+
+
+def record_steps(trainer, loader, steps: int = 3) -> tuple[list[float], list[dict]]:
+    """Each step's loss and full gradients, for `steps` steps of a built trainer."""
+    cfg = trainer.cfg
     batches = iter(loader)
     losses, grads = [], []
     for _ in range(steps):

@@ -1,0 +1,198 @@
+"""Fine-tuning data: jsonl files of a downstream task, laid out as pretraining samples.
+
+Every task keeps the prefix-LM layout of pretraining, `[IMG]*n [CLS] source [SEP] target [EOS]`:
+the source is read bidirectionally, the target is generated, and the loss covers the target.
+
+    task             row fields                      source                      target
+    caption          image, caption (or text)        (nothing)                   the caption
+    vqa              image, question, answer         the question                the answer
+    itm              image, text, label (1 or 0)     ITM_PROMPT around the text  "是" or "否"
+    text_generation  source, target                  the source                  the target
+
+Image-text matching is generative ("是"/"否", yes/no) rather than a binary head on a pooled
+vector: it needs no new weights, so a pretrained checkpoint can be scored zero-shot, it trains
+with the same loss and under the same parallel layouts as everything else, and a pair's match
+score for retrieval is simply log P(是) - log P(否).
+
+Images are what preprocessing accepts (a path relative to the jsonl file, a data: URI or bare
+base64); each is read and normalised once, when the file is loaded (data/images.py), so a missing
+or corrupt image is counted there, and more than --max-bad-fraction of them stops the run with one
+error before any work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from megatron_m6.data.dataset import image_to_tensor
+from megatron_m6.data.images import load_image_bytes, prepare_image
+from megatron_m6.data.task_spec import FINETUNE_TASKS, LAYOUT_SPECIAL_TOKENS, TASK_NAMES
+
+IMAGE_FINETUNE_TASKS = ("caption", "vqa", "itm")
+REQUIRED_FIELDS = {"caption": ("image", "caption"), "vqa": ("image", "question", "answer"),
+                   "itm": ("image", "text", "label"), "text_generation": ("source", "target")}
+ITM_PROMPT = "“{text}”是否描述了这张图片？"  # "does '{text}' describe this image?"
+ITM_ANSWERS = ("否", "是")  # label 0, label 1
+# The pretraining task whose layout each fine-tuning task shares: its slot in the per-task loss
+# of the log line.
+LOSS_SLOT = {"caption": "captioning", "vqa": "mm_prefix_lm", "itm": "mm_prefix_lm",
+             "text_generation": "prefix_lm"}
+JPEG_QUALITY, MIN_IMAGE_SIDE, MAX_ASPECT = 90, 8, 3.0  # preprocessing's defaults (data/preprocess.py)
+
+
+class DownstreamDataError(ValueError):
+    """A downstream file that cannot be used; the message names the file and the first bad row."""
+
+
+@dataclass
+class Example:
+    """One row of a task: the source and target texts, the image (normalised JPEG bytes) or None,
+    and for itm the label; `references` holds every acceptable answer (captions, VQA answers)."""
+
+    source: str
+    target: str
+    image: bytes | None
+    references: list[str] = field(default_factory=list)
+    label: int | None = None
+    line: int = 0  # in its jsonl file, so a prediction can be traced to its row
+
+
+@dataclass
+class LoadReport:
+    rows: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows
+
+    def summary(self, path: str) -> str:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        return f"{path}: {self.rows} rows" + (f", skipped {reasons}" if reasons else "")
+
+
+def _row_example(task: str, row: dict, where: str) -> Example:
+    """The Example of one parsed row (its image not read yet); a missing field is an error."""
+    if task == "caption" and "caption" not in row and "text" in row:
+        row = {**row, "caption": row["text"]}
+    missing = [k for k in REQUIRED_FIELDS[task] if k not in row]
+    if missing:
+        raise DownstreamDataError(f"{where}: task {task} needs the fields {', '.join(REQUIRED_FIELDS[task])}; "
+                                  f"this row lacks {', '.join(missing)}")
+    if task == "caption":
+        refs = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
+        return Example("", str(refs[0]), None, [str(r) for r in refs])
+    if task == "vqa":
+        answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
+        return Example(str(row["question"]), str(answers[0]), None, [str(a) for a in answers])
+    if task == "itm":
+        if row["label"] not in (0, 1, True, False):
+            raise DownstreamDataError(f"{where}: label must be 0 or 1, got {row['label']!r}")
+        label = int(row["label"])
+        return Example(ITM_PROMPT.format(text=row["text"]), ITM_ANSWERS[label], None, [ITM_ANSWERS[label]], label)
+    return Example(str(row["source"]), str(row["target"]), None, [str(row["target"])])
+
+
+def load_examples(path: str, task: str, image_size: int, max_bad_fraction: float = 0.0,
+                  text_only: bool = False) -> tuple[list[Example], LoadReport]:
+    """Every usable row of jsonl `path` for `task`, its image read and normalised. Malformed json or
+    a row lacking the task's fields is an error; rows whose image cannot be used are skipped and
+    counted, up to `max_bad_fraction` of the rows. `text_only` (the baseline that never sees the
+    image) keeps the rows and drops their images."""
+    if task not in FINETUNE_TASKS:
+        raise DownstreamDataError(f"unknown task {task!r}; tasks are {', '.join(FINETUNE_TASKS)}")
+    if not os.path.isfile(path):
+        raise DownstreamDataError(f"{path} does not exist")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    examples, report = [], LoadReport()
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DownstreamDataError(f"{where}: not valid json ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DownstreamDataError(f"{where}: a row must be a json object")
+            report.rows += 1
+            example = _row_example(task, row, where)
+            example.line = line_no
+            if task in IMAGE_FINETUNE_TASKS and not text_only:
+                data, reason = load_image_bytes(str(row["image"]), base_dir)
+                if data is not None:
+                    data, reason = prepare_image(data, image_size, JPEG_QUALITY, MIN_IMAGE_SIDE, MAX_ASPECT)
+                if data is None:
+                    report.skipped[reason] += 1
+                    continue
+                example.image = data
+            examples.append(example)
+    if not report.rows:
+        raise DownstreamDataError(f"{path} has no rows")
+    bad = sum(report.skipped.values())
+    if bad > max_bad_fraction * report.rows:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.skipped.items()))
+        raise DownstreamDataError(f"{path}: {bad} of {report.rows} rows have no usable image ({reasons}), "
+                                  f"more than --max-bad-fraction {max_bad_fraction}")
+    return examples, report
+
+
+def layout(example: Example, tok, seq_length: int, num_image_tokens: int,
+           with_target: bool = True) -> tuple[list[int], int]:
+    """(tokens, prefix_len) of `[IMG]*n [CLS] source [SEP] target [EOS]` (target and EOS only with
+    `with_target`), within seq_length: the target is kept whole and the source loses its first
+    tokens (a question or prompt ends it); a target that cannot fit is cut too, keeping its EOS.
+    A prefix is cut as the sample with its target would be, so generation reads what training read."""
+    n_img = num_image_tokens if example.image is not None else 0
+    source, target = tok.encode(example.source), tok.encode(example.target)
+    budget = seq_length - n_img - LAYOUT_SPECIAL_TOKENS
+    target = target[:max(budget, 0)]
+    keep = max(budget - len(target), 0)
+    source = source[len(source) - keep:] if len(source) > keep else source
+    prefix = [tok.img_id] * n_img + [tok.cls_id] + source + [tok.sep_id]
+    return (prefix + target + [tok.eos_id], len(prefix)) if with_target else (prefix, len(prefix))
+
+
+def decode_image(jpeg: bytes, image_size: int) -> torch.Tensor:
+    with Image.open(io.BytesIO(jpeg)) as img:
+        return image_to_tensor(img, image_size)
+
+
+class DownstreamDataset(Dataset):
+    """Training samples of a task, in the collate format of pretraining (data/dataset.py), for
+    `num_samples` samples: epoch after epoch over the examples, each epoch in a fresh order that
+    is a pure function of (seed, epoch), so resuming needs only the consumed-sample count."""
+
+    def __init__(self, examples: list[Example], task: str, tok, seq_length: int, num_image_tokens: int,
+                 image_size: int, seed: int, num_samples: int):
+        if not examples:
+            raise DownstreamDataError(f"no {task} examples to train on")
+        self.examples, self.tok, self.seq_length = examples, tok, seq_length
+        self.num_image_tokens, self.image_size, self.seed = num_image_tokens, image_size, seed
+        self.num_samples, self.task_id = num_samples, TASK_NAMES.index(LOSS_SLOT[task])
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def example_index(self, i: int) -> int:
+        epoch, pos = divmod(i, len(self.examples))
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, 7, epoch])
+            self._order = (epoch, rng.permutation(len(self.examples)))
+        return int(self._order[1][pos])
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
+        example = self.examples[self.example_index(i)]
+        tokens, prefix_len = layout(example, self.tok, self.seq_length, self.num_image_tokens)
+        image = None if example.image is None else decode_image(example.image, self.image_size)
+        return {"tokens": torch.tensor(tokens, dtype=torch.long), "prefix_len": prefix_len,
+                "task_id": self.task_id, "image": image}

@@ -1,0 +1,151 @@
+"""Fine-tuning entry point: `python -m megatron_m6.finetune --task TASK --train-data F [flags]`.
+
+The pretraining run with other data: the same flags, layouts, trainer, checkpoints and logs
+(megatron_m6/pretrain.py), on the samples of a downstream task (megatron_m6/data/downstream.py),
+which keep the prefix-LM layout: the task's input is the bidirectional source, its output the
+generated target. It starts from --pretrained-checkpoint's weights (or --load's with --finetune)
+with a fresh optimizer, schedule and iteration count; a --load folder that already holds a
+checkpoint of this run resumes it exactly, as pretraining does.
+
+Every --eval-interval the validation loss is measured, and on --valid-data the task's metric
+(megatron_m6/evaluate.py): generation and scoring need the whole model on each rank, so under
+tensor, pipeline or expert parallelism, or FSDP, the metric is the validation loss instead (said
+once in the log). --save-best keeps the checkpoint of the best metric in SAVE/best.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from torch.utils.data import DataLoader
+
+from megatron_m6.config import ConfigError, RunConfig, parse_args
+from megatron_m6.data.downstream import IMAGE_FINETUNE_TASKS, DownstreamDataError, DownstreamDataset, load_examples
+from megatron_m6.data.task_spec import LAYOUT_SPECIAL_TOKENS
+from megatron_m6.evaluate import PRIMARY_METRIC, evaluate_task
+from megatron_m6.inference.generate import SamplingConfig
+from megatron_m6.parallel import destroy_process_mesh
+from megatron_m6.pretrain import load_tokenizer, setup
+from megatron_m6.training import checkpoint as ckpt
+from megatron_m6.training.checkpoint import CheckpointError
+from megatron_m6.training.trainer import Trainer, TrainingError
+
+EVAL_MAX_NEW_TOKENS = 32  # greedy, for the validation metric
+
+
+class FinetuneTrainer(Trainer):
+    """The trainer with the task's validation metric after each validation loss, and the best
+    checkpoint kept by it; the best so far is part of every checkpoint, so a resumed run keeps
+    the same one."""
+
+    examples = None  # validation Examples; set by `run`
+    tokenizer = None
+    best: dict | None = None  # {"metric", "value", "iteration"}
+
+    def _metric(self) -> tuple[str, float]:
+        """(name, value) of the task's metric on the validation examples, higher is better."""
+        dims, cfg = self.parallel.dims, self.cfg
+        whole_model = dims.tp == dims.pp == dims.ep == 1 and cfg.data_parallel_sharding == "replicate"
+        if not whole_model:
+            return "-validation loss", -self._last_loss
+        sampling = SamplingConfig(max_new_tokens=EVAL_MAX_NEW_TOKENS)
+        result, _ = evaluate_task(self.model, self.tokenizer, cfg.task, self.examples, sampling,
+                                  cfg.micro_batch_size, self.parallel.dp_rank, dims.dp, seq_length=cfg.seq_length)
+        metric = PRIMARY_METRIC[cfg.task]
+        self.log(f"validation at iteration {self.iteration} | {cfg.task} "
+                 + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return metric, result[metric]
+
+    def evaluate(self) -> float:
+        self._last_loss = super().evaluate()
+        if self.examples:
+            name, value = self._metric()
+            if self.cfg.save_best and (self.best is None or value > self.best["value"]):
+                self.best = {"metric": name, "value": value, "iteration": self.iteration}
+                best_dir = os.path.join(self.cfg.save, "best")
+                ckpt.Checkpointer(best_dir, keep_last=1).save(self.iteration, self.model, self.optimizer,
+                                                             self.checkpoint_meta())
+                self.log(f"best {name} {value:.4f} at iteration {self.iteration}: saved to {best_dir}")
+        return self._last_loss
+
+    def checkpoint_meta(self) -> dict:
+        return {**super().checkpoint_meta(), "best": self.best}
+
+
+def has_checkpoint(folder: str | None) -> bool:
+    return bool(folder) and os.path.isfile(os.path.join(folder, ckpt.TRACKER))
+
+
+def start(trainer: FinetuneTrainer, cfg: RunConfig, log) -> None:
+    """Resume this run from --load's latest checkpoint; or, with --finetune or when --load holds
+    none yet, start from the weights of --load or --pretrained-checkpoint."""
+    if has_checkpoint(cfg.load) and not cfg.finetune:
+        trainer.best = trainer.load(cfg.load).get("best")
+        log(f"resumed fine-tuning from {cfg.load} at iteration {trainer.iteration} "
+            f"({trainer.consumed_samples} samples consumed)")
+        return
+    source = cfg.load if cfg.finetune else cfg.pretrained_checkpoint
+    if source:
+        meta = trainer.load_weights(source)
+        log(f"fine-tuning from the weights of {source} (iteration {meta['iteration']}); "
+            "fresh optimizer, schedule and iteration count")
+    else:
+        log("fine-tuning from randomly initialised weights (no --pretrained-checkpoint)")
+
+
+def build(cfg: RunConfig, log=print) -> tuple[FinetuneTrainer, DataLoader]:
+    """Load the task's data and build everything from `cfg` as pretraining does: the trainer
+    (started by `start`) and the training data loader."""
+    tok = load_tokenizer(cfg)
+    m = cfg.model
+    n_img = m.num_image_tokens if cfg.task in IMAGE_FINETUNE_TASKS and not cfg.text_only else 0
+    if cfg.seq_length < n_img + LAYOUT_SPECIAL_TOKENS + 2:
+        raise ConfigError(f"--seq-length {cfg.seq_length} cannot hold a {cfg.task} sample ({n_img} image tokens, "
+                          f"{LAYOUT_SPECIAL_TOKENS} special tokens and text)")
+    read = lambda path: load_examples(path, cfg.task, m.image_size, cfg.max_bad_fraction, cfg.text_only)
+    train, report = read(cfg.train_data)
+    log(report.summary(cfg.train_data))
+    valid = []
+    if cfg.valid_data:
+        valid, report = read(cfg.valid_data)
+        log(report.summary(cfg.valid_data))
+    if cfg.epochs is not None:
+        cfg.train_iters = max(1, math.ceil(cfg.epochs * len(train) / cfg.global_batch_size))
+        log(f"{cfg.epochs:g} epochs of {len(train)} examples: {cfg.train_iters} iterations")
+
+    def datasets(cfg: RunConfig, tok):
+        common = dict(task=cfg.task, tok=tok, seq_length=cfg.seq_length, num_image_tokens=m.num_image_tokens,
+                      image_size=m.image_size)
+        n_eval = max(cfg.eval_iters, 1) * cfg.global_batch_size
+        return (DownstreamDataset(train, seed=cfg.seed, num_samples=cfg.train_iters * cfg.global_batch_size, **common),
+                DownstreamDataset(valid, seed=cfg.seed + 1, num_samples=n_eval, **common) if valid else None)
+
+    trainer, loader = setup(cfg, log, datasets=datasets, start=start, trainer_class=FinetuneTrainer)
+    trainer.examples, trainer.tokenizer = valid, tok
+    return trainer, loader
+
+
+def run(cfg: RunConfig, log=print) -> FinetuneTrainer:
+    """Build everything from `cfg` and fine-tune; returns the trainer (losses in `.history`)."""
+    trainer, loader = build(cfg, log)
+    trainer.train(loader)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv, entry="finetune"))
+    except (ConfigError, DownstreamDataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (CheckpointError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        destroy_process_mesh()
+
+
+if __name__ == "__main__":
+    main()
