@@ -1,14 +1,15 @@
 """Downstream evaluation: `python -m megatron_m6.evaluate --task TASK --load DIR --data FILE`.
 
 Generates the target of every example (captions, answers, texts) with the decoding flags of
-tools/generate.py, scores image-text matching by the model's own "是"/"否" probabilities, and
+tools/generate.py, scores image-text matching by the text's likelihood as the image's caption, and
 writes the task's metrics (megatron_m6/metrics.py) to metrics.json and every prediction next to
 its references to predictions.jsonl. Under torchrun each rank evaluates its share of the examples
 on a whole model of its own (data parallel) and rank 0 gathers and writes the results.
 
     caption          BLEU-1..4, ROUGE-L, CIDEr (characters, as coco-caption)
     vqa              accuracy (exact match after normalisation)
-    itm              accuracy; with --retrieval-data, image->text and text->image recall@1/5/10
+    itm              accuracy (the matched text outscores its image's distractors); with
+                     --retrieval-data, image->text and text->image recall@1/5/10
     text_generation  BLEU (sacreBLEU, zh), ROUGE-L and perplexity of the references
 """
 
@@ -31,8 +32,6 @@ from megatron_m6.conversion import is_release
 from megatron_m6.data.dataset import collate
 from megatron_m6.data.downstream import (
     FINETUNE_TASKS,
-    ITM_ANSWERS,
-    ITM_PROMPT,
     DownstreamDataError,
     Example,
     decode_image,
@@ -116,26 +115,25 @@ def _target_logits(model: M6, tok: M6Tokenizer, examples: Sequence[Example], bat
         yield chunk, batch, fp32_or_wider(logits).cpu()
 
 
+def target_log_likelihoods(model: M6, tok: M6Tokenizer, examples: Sequence[Example], batch_size: int = 64,
+                           seq_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: the summed log-likelihood of its target and EOS given its prefix, and the
+    number of those tokens (what training's loss covers)."""
+    sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
+    for chunk, batch, logits in _target_logits(model, tok, examples, batch_size, seq_length):
+        mask = batch["loss_mask"]
+        token_ll = -F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
+        sums[list(chunk)] = (token_ll * mask.to(token_ll.dtype)).sum(1).double().numpy()
+        counts[list(chunk)] = mask.sum(1).long().numpy()
+    return sums, counts
+
+
 def match_scores(model: M6, tok: M6Tokenizer, examples: Sequence[Example], batch_size: int = 64,
                  seq_length: int | None = None) -> np.ndarray:
-    """log P(是) - log P(否) of the first target token for every itm example: > 0 means "matches"."""
-    yes, no = (tok.encode(a)[0] for a in (ITM_ANSWERS[1], ITM_ANSWERS[0]))
-    scores = np.zeros(len(examples))
-    for chunk, batch, logits in _target_logits(model, tok, examples, batch_size, seq_length):
-        at = logits[torch.arange(len(chunk)), batch["prefix_len"] - 1]
-        scores[list(chunk)] = (at[:, yes] - at[:, no]).double().numpy()
-    return scores
-
-
-def target_nll(model: M6, tok: M6Tokenizer, examples: Sequence[Example], batch_size: int = 64,
-               seq_length: int | None = None) -> tuple[float, int]:
-    """(summed negative log-likelihood, tokens) of the examples' targets and EOS: perplexity's parts."""
-    total, count = 0.0, 0
-    for _, batch, logits in _target_logits(model, tok, examples, batch_size, seq_length):
-        mask = batch["loss_mask"].bool()
-        total += float(F.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum"))
-        count += int(mask.sum())
-    return total, count
+    """Per itm example, log P(text | image) per token (EOS included): the text's mean log-likelihood
+    as the image's caption (data/downstream.py says why)."""
+    sums, counts = target_log_likelihoods(model, tok, examples, batch_size, seq_length)
+    return sums / counts
 
 
 def _shard(items: Sequence, rank: int, world: int) -> list:
@@ -164,11 +162,10 @@ def evaluate_task(model: M6, tok: M6Tokenizer, task: str, examples: Sequence[Exa
     mine = _shard(examples, rank, world)
     if task == "itm":
         scores = _gather(match_scores(model, tok, mine, batch_size, seq_length).tolist(), world)
-        labels = [e.label for e in examples]
-        predicted = [int(s > 0) for s in scores]
-        result = {"accuracy": metrics.binary_accuracy(predicted, labels)}
-        records = [{"line": e.line, "source": e.source, "score": s, "prediction": ITM_ANSWERS[p], "label": e.label}
-                   for e, s, p in zip(examples, scores, predicted)]
+        result = {"accuracy": metrics.matching_accuracy(scores, [e.label for e in examples],
+                                                        [e.group for e in examples])}
+        records = [{"line": e.line, "image": e.group, "text": e.target, "score": s, "label": e.label}
+                   for e, s in zip(examples, scores)]
         if retrieval:
             result.update(retrieval_metrics(model, tok, retrieval, batch_size, rank, world, seq_length))
         return result, records
@@ -180,12 +177,11 @@ def evaluate_task(model: M6, tok: M6Tokenizer, task: str, examples: Sequence[Exa
         result = {"accuracy": metrics.vqa_accuracy(predictions, references)}
     else:
         result = metrics.text_metrics(predictions, references)
-        nll, count = target_nll(model, tok, mine, batch_size, seq_length)
+        ll, count = target_log_likelihoods(model, tok, mine, batch_size, seq_length)
+        sums = torch.tensor([ll.sum(), count.sum()], dtype=torch.float64)
         if world > 1:
-            sums = torch.tensor([nll, count], dtype=torch.float64)
             dist.all_reduce(sums)
-            nll, count = sums.tolist()
-        result["perplexity"] = math.exp(min(nll / max(count, 1), 50.0))
+        result["perplexity"] = math.exp(min(-sums[0].item() / max(sums[1].item(), 1.0), 50.0))
     records = [{"line": e.line, "source": e.source, "prediction": p, "references": e.references}
                for e, p in zip(examples, predictions)]
     return result, records
@@ -196,8 +192,7 @@ def retrieval_metrics(model: M6, tok: M6Tokenizer, pairs: Sequence[Example], bat
     """Recall@1/5/10 both ways over a candidate set of (image, caption) pairs, pair i's caption
     belonging to image i: every image is scored with every caption by the itm match score."""
     n = len(pairs)
-    grid = [Example(ITM_PROMPT.format(text=pairs[j].target), ITM_ANSWERS[1], pairs[i].image)
-            for i in range(n) for j in range(n)]
+    grid = [Example("", pairs[j].target, pairs[i].image) for i in range(n) for j in range(n)]
     mine = match_scores(model, tok, _shard(grid, rank, world), batch_size, seq_length)
     scores = np.array(_gather(mine.tolist(), world))
     recall = metrics.retrieval_recall(scores.reshape(n, n), np.arange(n))

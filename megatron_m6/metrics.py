@@ -298,6 +298,22 @@ def binary_accuracy(predictions: list[int] | np.ndarray, labels: list[int] | np.
     return float((predictions == labels).mean()) if len(labels) else 0.0
 
 
+def matching_accuracy(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                      groups: Sequence[str]) -> float:
+    """Image-text matching by ranking: the fraction of groups (the texts scored against one image)
+    holding a matched text (label 1) and a distractor (label 0) in which every matched text scores
+    above every distractor. Ties count against, so a constant score is never right; groups without
+    both kinds are left out. No such group scores 0."""
+    scores, labels = _as_vector("scores", np.asarray(scores, dtype=np.float64)), _as_vector("labels", labels)
+    _check_lengths("matching_accuracy", scores, labels)
+    _check_lengths("matching_accuracy", scores, groups)
+    by_group: dict[str, tuple[list[float], list[float]]] = {}
+    for score, label, group in zip(scores.tolist(), labels.tolist(), groups):
+        by_group.setdefault(group, ([], []))[int(label == 1)].append(score)
+    judged = [min(matched) > max(distractors) for distractors, matched in by_group.values() if matched and distractors]
+    return sum(judged) / len(judged) if judged else 0.0
+
+
 # ---------------------------------------------------------------- retrieval
 
 

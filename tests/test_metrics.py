@@ -13,6 +13,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from megatron_m6.metrics import (
     binary_accuracy,
     caption_metrics,
+    matching_accuracy,
     normalize_answer,
     retrieval_recall,
     text_metrics,
@@ -170,6 +171,31 @@ def test_normalize_answer_and_vqa_accuracy():
 def test_binary_accuracy():
     assert binary_accuracy([1, 0, 1, 1], np.array([1, 1, 1, 0])) == 0.5
     assert binary_accuracy([], []) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matching_accuracy_equals_comparing_every_pair(seed):
+    """Against the definition spelled out pair by pair: a group is right when no distractor
+    reaches any matched text's score; scores drawn from a few values, so ties occur."""
+    rng = np.random.default_rng(seed)
+    n = 60
+    scores, labels = rng.integers(0, 4, n).astype(float), rng.integers(0, 2, n)
+    groups = [f"image{g}" for g in rng.integers(0, 12, n)]
+    right = judged = 0
+    for g in sorted(set(groups)):
+        rows = [i for i in range(n) if groups[i] == g]
+        matched = [i for i in rows if labels[i] == 1]
+        distractors = [i for i in rows if labels[i] == 0]
+        if matched and distractors:
+            judged += 1
+            right += all(scores[m] > scores[d] for m in matched for d in distractors)
+    assert matching_accuracy(scores, labels, groups) == right / judged
+
+
+def test_matching_accuracy_hand_worked():
+    assert matching_accuracy([0.9, 0.1, 0.5, 0.5, 0.3], [1, 0, 1, 0, 1], ["a", "a", "b", "b", "c"]) == 0.5
+    assert matching_accuracy([1.0, 1.0], [1, 0], ["a", "a"]) == 0.0  # a tie is wrong
+    assert matching_accuracy([], [], []) == 0.0
 
 
 def test_retrieval_recall_hand_worked():

@@ -6,13 +6,19 @@ the source is read bidirectionally, the target is generated, and the loss covers
     task             row fields                      source                      target
     caption          image, caption (or text)        (nothing)                   the caption
     vqa              image, question, answer         the question                the answer
-    itm              image, text, label (1 or 0)     ITM_PROMPT around the text  "是" or "否"
+    itm              image, text, label (1 or 0)     (nothing)                   the text
     text_generation  source, target                  the source                  the target
 
-Image-text matching is generative ("是"/"否", yes/no) rather than a binary head on a pooled
-vector: it needs no new weights, so a pretrained checkpoint can be scored zero-shot, it trains
-with the same loss and under the same parallel layouts as everything else, and a pair's match
-score for retrieval is simply log P(是) - log P(否).
+Image-text matching is generative: a pair's score is the mean log-likelihood of the text as the
+image's caption, log P(text | image) per token, and fine-tuning trains captioning on the matched
+pairs (label 1; the others are the evaluation's distractors). Neither a binary head on a pooled
+vector nor a generated "是"/"否" (yes/no): both must learn to compare the text with the image from
+the match labels alone, a problem gradient descent barely starts on (the generative yes/no on the
+sample ITM set stayed at chance, loss ln 2, for 500 steps at lr 1e-3 and 3e-4; PERFORMANCE.md),
+while the caption likelihood is what pretraining taught, so it works zero-shot, needs no new
+weights and trains under every layout with the one loss. Its scores rank texts for one image and
+images for one text (accuracy: the matched text outscores every distractor of its image;
+retrieval recall@k), but are no calibrated probability of a match.
 
 Images are what preprocessing accepts (a path relative to the jsonl file, a data: URI or bare
 base64); each is read and normalised once, when the file is loaded (data/images.py), so a missing
@@ -40,11 +46,9 @@ from megatron_m6.data.task_spec import FINETUNE_TASKS, LAYOUT_SPECIAL_TOKENS, TA
 IMAGE_FINETUNE_TASKS = ("caption", "vqa", "itm")
 REQUIRED_FIELDS = {"caption": ("image", "caption"), "vqa": ("image", "question", "answer"),
                    "itm": ("image", "text", "label"), "text_generation": ("source", "target")}
-ITM_PROMPT = "“{text}”是否描述了这张图片？"  # "does '{text}' describe this image?"
-ITM_ANSWERS = ("否", "是")  # label 0, label 1
 # The pretraining task whose layout each fine-tuning task shares: its slot in the per-task loss
 # of the log line.
-LOSS_SLOT = {"caption": "captioning", "vqa": "mm_prefix_lm", "itm": "mm_prefix_lm",
+LOSS_SLOT = {"caption": "captioning", "vqa": "mm_prefix_lm", "itm": "captioning",
              "text_generation": "prefix_lm"}
 JPEG_QUALITY, MIN_IMAGE_SIDE, MAX_ASPECT = 90, 8, 3.0  # preprocessing's defaults (data/preprocess.py)
 
@@ -56,13 +60,15 @@ class DownstreamDataError(ValueError):
 @dataclass
 class Example:
     """One row of a task: the source and target texts, the image (normalised JPEG bytes) or None,
-    and for itm the label; `references` holds every acceptable answer (captions, VQA answers)."""
+    and for itm the label and the image's jsonl value (`group`: the texts one image is matched
+    against); `references` holds every acceptable answer (captions, VQA answers)."""
 
     source: str
     target: str
     image: bytes | None
     references: list[str] = field(default_factory=list)
     label: int | None = None
+    group: str = ""
     line: int = 0  # in its jsonl file, so a prediction can be traced to its row
 
 
@@ -93,8 +99,7 @@ def _row_example(task: str, row: dict, where: str) -> Example:
     if task == "itm":
         if row["label"] not in (0, 1, True, False):
             raise DownstreamDataError(f"{where}: label must be 0 or 1, got {row['label']!r}")
-        label = int(row["label"])
-        return Example(ITM_PROMPT.format(text=row["text"]), ITM_ANSWERS[label], None, [ITM_ANSWERS[label]], label)
+        return Example("", str(row["text"]), None, [str(row["text"])], int(row["label"]), str(row["image"]))
     return Example(str(row["source"]), str(row["target"]), None, [str(row["target"])])
 
 
@@ -166,11 +171,14 @@ def decode_image(jpeg: bytes, image_size: int) -> torch.Tensor:
 
 class DownstreamDataset(Dataset):
     """Training samples of a task, in the collate format of pretraining (data/dataset.py), for
-    `num_samples` samples: epoch after epoch over the examples, each epoch in a fresh order that
-    is a pure function of (seed, epoch), so resuming needs only the consumed-sample count."""
+    `num_samples` samples: epoch after epoch over the examples (for itm, its matched pairs), each
+    epoch in a fresh order that is a pure function of (seed, epoch), so resuming needs only the
+    consumed-sample count."""
 
     def __init__(self, examples: list[Example], task: str, tok, seq_length: int, num_image_tokens: int,
                  image_size: int, seed: int, num_samples: int):
+        if task == "itm":
+            examples = [e for e in examples if e.label == 1]
         if not examples:
             raise DownstreamDataError(f"no {task} examples to train on")
         self.examples, self.tok, self.seq_length = examples, tok, seq_length

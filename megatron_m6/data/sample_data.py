@@ -97,9 +97,7 @@ READING_TEMPLATES = [
     ("今天是{month}月{day}日，天气{weather}。", "今天是几月几日？", "{month}月{day}日"),
     ("我每天花{minutes}分钟学习 {subject}。", "我每天花多少分钟学习 {subject}？", "{minutes}分钟"),
 ]
-# Text the fine-tuning code adds around the data (image-text matching asks and answers).
-FINETUNE_PROMPTS = ["“”是否描述了这张图片？", "是", "否"]
-# Every word the downstream sets and prompts use, given to build_vocab so none becomes [UNK]: the
+# Every word the downstream sets use, given to build_vocab so none becomes [UNK]: the
 # templates without their slots, every slot word, and the digits alone and after a digit ("##"
 # pieces), from which WordPiece spells any number.
 _TEMPLATES = [CAPTION_TEMPLATE, *(t for pair in VQA_TEMPLATES.values() for t in pair),
@@ -108,7 +106,6 @@ DOWNSTREAM_TEXT = "\n".join([
     *(re.sub(r"\{\w+\}", " ", t) for t in _TEMPLATES),
     " ".join(CELL_NAMES + list(COLOURS) + SHAPES + COUNT_WORDS + CITIES + FOODS + WEATHER + SUBJECTS),
     " ".join(str(n) for n in range(20)),
-    *FINETUNE_PROMPTS,
 ])
 
 
