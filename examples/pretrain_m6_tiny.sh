@@ -12,9 +12,10 @@ PYTHON=${PYTHON:-python3}
 DATA=${DATA:-data/m6_sample}
 INDEXED=${INDEXED:-data/m6_tiny}
 SAVE=${SAVE:-checkpoints/m6_tiny}
-TRAIN_ITERS=${TRAIN_ITERS:-1000}
+TRAIN_ITERS=${TRAIN_ITERS:-1500}
 NUM_WORKERS=${NUM_WORKERS:-1}
 NPROC=${NPROC:-1}
+SEED=${SEED:-1234}
 TP=${TP:-2}
 PP=${PP:-2}
 
@@ -35,9 +36,9 @@ TRAIN_ARGS=(
   --vocab-file "$DATA/vocab.txt" \
   --task-weights text_denoising=1,prefix_lm=1,captioning=4,mm_denoising=1,mm_prefix_lm=1 \
   --train-iters "$TRAIN_ITERS" \
-  --lr 2e-3 --min-lr 1e-4 --lr-warmup-iters 30 --lr-decay-style cosine \
+  --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 30 --lr-decay-style cosine --seed "$SEED" \
   --weight-decay 0.01 --clip-grad 1.0 \
-  --log-interval 100 --eval-interval 250 --eval-iters 4 \
+  --log-interval 100 --eval-interval 500 --eval-iters 4 \
   --num-workers "$NUM_WORKERS" \
   --tensorboard-dir runs/m6_tiny
 )
