@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from megatron_m6.data.dataset import image_to_tensor
 from megatron_m6.data.images import load_image_bytes, prepare_image
+from megatron_m6.data.preprocess import PreprocessConfig
 from megatron_m6.data.task_spec import FINETUNE_TASKS, LAYOUT_SPECIAL_TOKENS, TASK_NAMES
 
 IMAGE_FINETUNE_TASKS = ("caption", "vqa", "itm")
@@ -50,7 +51,6 @@ REQUIRED_FIELDS = {"caption": ("image", "caption"), "vqa": ("image", "question",
 # of the log line.
 LOSS_SLOT = {"caption": "captioning", "vqa": "mm_prefix_lm", "itm": "captioning",
              "text_generation": "prefix_lm"}
-JPEG_QUALITY, MIN_IMAGE_SIDE, MAX_ASPECT = 90, 8, 3.0  # preprocessing's defaults (data/preprocess.py)
 
 
 class DownstreamDataError(ValueError):
@@ -132,7 +132,8 @@ def load_examples(path: str, task: str, image_size: int, max_bad_fraction: float
             if task in IMAGE_FINETUNE_TASKS and not text_only:
                 data, reason = load_image_bytes(str(row["image"]), base_dir)
                 if data is not None:
-                    data, reason = prepare_image(data, image_size, JPEG_QUALITY, MIN_IMAGE_SIDE, MAX_ASPECT)
+                    data, reason = prepare_image(data, image_size, PreprocessConfig.jpeg_quality,  # its defaults
+                                                 PreprocessConfig.min_image_size, PreprocessConfig.max_aspect_ratio)
                 if data is None:
                     report.skipped[reason] += 1
                     continue
