@@ -38,7 +38,13 @@ from megatron_m6.data.downstream import (
     layout,
     load_examples,
 )
-from megatron_m6.inference.generate import SamplingConfig, generate
+from megatron_m6.inference.generate import (
+    SamplingConfig,
+    add_decoding_flags,
+    generate,
+    model_device,
+    sampling_config_from_args,
+)
 from megatron_m6.model import M6
 from megatron_m6.precision import fp32_or_wider
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
@@ -46,10 +52,6 @@ from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint
 
 # The metric fine-tuning keeps its best checkpoint by (higher is better for all of them).
 PRIMARY_METRIC = {"caption": "CIDEr", "vqa": "accuracy", "itm": "accuracy", "text_generation": "BLEU"}
-
-
-def _device(model: M6) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _images(examples: Sequence[Example], image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +86,7 @@ def predict(model: M6, tok: M6Tokenizer, examples: Sequence[Example], sampling: 
     for i, p in enumerate(prefixes):
         by_length.setdefault(len(p), []).append(i)
     out: list[str] = [""] * len(examples)
-    device = _device(model)
+    device = model_device(model)
     for indices in by_length.values():
         for chunk in _chunks(len(indices), batch_size):
             rows = [indices[j] for j in chunk]
@@ -100,7 +102,7 @@ def _target_logits(model: M6, tok: M6Tokenizer, examples: Sequence[Example], bat
                    seq_length: int | None):
     """Per batch: (its example indices, the collated batch, the logits in fp32 or wider) of the
     examples laid out with their targets, as training sees them."""
-    cfg, device = model.cfg, _device(model)
+    cfg, device = model.cfg, model_device(model)
     seq_length = _seq_length(model, seq_length)
     for chunk in _chunks(len(examples), batch_size):
         samples = []
@@ -228,20 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-only", action="store_true", help="drop the images (the text-only baseline)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: weights in bf16 (GPU)")
-    g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--length-penalty", type=float, default=1.0)
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--min-new-tokens", type=int, default=0)
+    add_decoding_flags(p)
     return p
-
-
-def sampling_from_args(a: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, length_penalty=a.length_penalty,
-                          no_repeat_ngram_size=a.no_repeat_ngram_size, repetition_penalty=a.repetition_penalty,
-                          min_new_tokens=a.min_new_tokens)
 
 
 def write_results(output_dir: str, result: dict, records: list[dict]) -> None:
@@ -258,15 +248,15 @@ def write_results(output_dir: str, result: dict, records: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     from megatron_m6.inference.generate import load_model
 
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    sampling = sampling_config_from_args(p, a)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if a.device == "cuda" else a.device)
     try:
-        sampling = sampling_from_args(a)
-        sampling.validate()
         tok = M6Tokenizer.from_vocab_file(a.vocab_file or DEFAULT_VOCAB_FILE)
         model = load_model(a.load, device, torch.bfloat16 if a.dtype == "bf16" else None)
         if tok.vocab_size > model.cfg.vocab_size:

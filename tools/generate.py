@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -27,6 +26,7 @@ from PIL import Image
 
 from megatron_m6.config import ConfigError
 from megatron_m6.inference import SamplingConfig, caption_images, continue_text, load_model
+from megatron_m6.inference.generate import add_decoding_flags, sampling_config_from_args
 from megatron_m6.pretrain import pick_device
 from megatron_m6.tokenizer import M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError
@@ -47,21 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="caption every image of a captions_test.jsonl and report exact-match accuracy")
     p.add_argument("--show", type=int, default=10, help="--eval-captions: lines to print")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    g.add_argument("--top-p", type=float, help="sample from the nucleus of probability p")
-    g.add_argument("--temperature", type=float, help="sampling temperature")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams per input (1: off)")
-    g.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam score = sum of log-probs / length ** this (0: raw sum; larger favours longer)")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0,
-                   help="never generate an n-gram of this size twice (0: off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages tokens already generated (CTRL's rule; 1: off)")
-    g.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many tokens")
+    add_decoding_flags(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="weights' dtype for generation (bf16: half the memory; norms stay fp32)")
@@ -69,24 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampling_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> SamplingConfig:
-    """Greedy unless a sampling flag is given; contradictory or impossible values are usage errors."""
-    sampling = any(v is not None for v in (args.top_k, args.top_p, args.temperature))
-    if args.greedy and sampling:
-        p.error("--greedy contradicts --top-k/--top-p/--temperature")
-    if args.num_beams > 1 and sampling:
-        p.error("--num-beams (beam search, deterministic) contradicts --top-k/--top-p/--temperature")
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not sampling,
-                         temperature=1.0 if args.temperature is None else args.temperature,
-                         top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
-                         seed=args.seed, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                         no_repeat_ngram_size=args.no_repeat_ngram_size,
-                         repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens)
-    if cfg.temperature <= 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1 or cfg.max_new_tokens < 1:
-        p.error("need --temperature > 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1")
-    if cfg.num_beams < 1 or cfg.no_repeat_ngram_size < 0 or cfg.min_new_tokens < 0:
-        p.error("need --num-beams >= 1, --no-repeat-ngram-size >= 0, --min-new-tokens >= 0")
-    if not 0 < cfg.repetition_penalty < math.inf or not math.isfinite(cfg.length_penalty):
-        p.error("need --repetition-penalty > 0 and a finite --length-penalty")
+    """The decoding flags' SamplingConfig; impossible values (batch size and --show too) are usage errors."""
+    cfg = sampling_config_from_args(p, args)
     if args.batch_size < 1 or args.show < 0:
         p.error("need --batch-size >= 1 and --show >= 0")
     return cfg

@@ -12,6 +12,7 @@ beam search adds the log-probabilities of the processed logits to each beam's sc
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -334,7 +335,7 @@ def load_model(load_dir: str, device: str | torch.device = "cpu", dtype: torch.d
     return model.eval()
 
 
-def _device(model: M6) -> torch.device:
+def model_device(model: M6) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -342,7 +343,7 @@ def caption_images(model: M6, tok, images: list[Image.Image], image_size: int,
                    cfg: SamplingConfig) -> list[str]:
     """One caption per image, generated as one batch from the captioning prefix
     `[IMG]*n [CLS] [SEP]`; images go through the training transform, exactly."""
-    device = _device(model)
+    device = model_device(model)
     prefix = [tok.img_id] * model.cfg.num_image_tokens + [tok.cls_id, tok.sep_id]
     tokens = torch.tensor([prefix] * len(images), dtype=torch.long, device=device)
     pixels = torch.stack([image_to_tensor(img, image_size) for img in images]).to(device)
@@ -354,5 +355,47 @@ def caption_images(model: M6, tok, images: list[Image.Image], image_size: int,
 def continue_text(model: M6, tok, text: str, cfg: SamplingConfig) -> str:
     """The model's target for source `text` (prefix `[CLS] text [SEP]`): a continuation."""
     prefix = [tok.cls_id] + tok.encode(text) + [tok.sep_id]
-    tokens = torch.tensor([prefix], dtype=torch.long, device=_device(model))
+    tokens = torch.tensor([prefix], dtype=torch.long, device=model_device(model))
     return tok.decode(generate(model, tokens, None, None, tok.eos_id, cfg)[0])
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    """The decoding flags of tools/generate.py and megatron_m6.evaluate, as one group of `p`."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample from the nucleus of probability p")
+    g.add_argument("--temperature", type=float, help="sampling temperature")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams per input (1: off)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = sum of log-probs / length ** this (0: raw sum; larger favours longer)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="never generate an n-gram of this size twice (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already generated (CTRL's rule; 1: off)")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many tokens")
+
+
+def sampling_config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> SamplingConfig:
+    """The SamplingConfig of add_decoding_flags' flags: greedy unless a sampling flag is given;
+    contradictory or impossible values are usage errors of `p`."""
+    sampling = any(v is not None for v in (args.top_k, args.top_p, args.temperature))
+    if args.greedy and sampling:
+        p.error("--greedy contradicts --top-k/--top-p/--temperature")
+    if args.num_beams > 1 and sampling:
+        p.error("--num-beams (beam search, deterministic) contradicts --top-k/--top-p/--temperature")
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not sampling,
+                         temperature=1.0 if args.temperature is None else args.temperature,
+                         top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
+                         seed=args.seed, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                         no_repeat_ngram_size=args.no_repeat_ngram_size,
+                         repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens)
+    if cfg.temperature <= 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1 or cfg.max_new_tokens < 1:
+        p.error("need --temperature > 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1")
+    if cfg.num_beams < 1 or cfg.no_repeat_ngram_size < 0 or cfg.min_new_tokens < 0:
+        p.error("need --num-beams >= 1, --no-repeat-ngram-size >= 0, --min-new-tokens >= 0")
+    if not 0 < cfg.repetition_penalty < math.inf or not math.isfinite(cfg.length_penalty):
+        p.error("need --repetition-penalty > 0 and a finite --length-penalty")
+    return cfg
