@@ -375,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("fine-tuning (python -m megatron_m6.finetune)")
     g.add_argument("--task", choices=FINETUNE_TASKS, help="the downstream task")
     g.add_argument("--train-data", type=str,
-                   help="jsonl of the task (images relative to the file, data: URIs or base64)")
-    g.add_argument("--valid-data", type=str, help="jsonl the task's metric is measured on every --eval-interval")
+                   help="jsonl of the task (images relative to the file, data: URIs or base64), or the "
+                        "prefix of its indexed dataset (tools/preprocess_data.py --task) for large sets")
+    g.add_argument("--valid-data", type=str, help="the same, for the validation loss and the task's metric every "
+                                                  "--eval-interval (itm's metric needs the jsonl)")
     g.add_argument("--pretrained-checkpoint", type=str,
                    help="checkpoint whose weights fine-tuning starts from (when --load holds no checkpoint yet)")
     g.add_argument("--finetune", action="store_true", default=None,
@@ -613,11 +615,13 @@ def validate_finetune(cfg: RunConfig) -> None:
     if cfg.mock_data or cfg.data_path:
         raise ConfigError("fine-tuning reads --train-data and --valid-data, not --data-path or --mock-data")
     if not cfg.train_data:
-        raise ConfigError(f"--task {cfg.task} needs --train-data (a jsonl of the task)")
-    for flag, path in (("--train-data", cfg.train_data), ("--valid-data", cfg.valid_data),
-                       ("--vocab-file", cfg.vocab_file)):
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"{flag} {path} does not exist")
+        raise ConfigError(f"--task {cfg.task} needs --train-data (a jsonl of the task or its indexed dataset)")
+    for flag, path in (("--train-data", cfg.train_data), ("--valid-data", cfg.valid_data)):
+        if path is not None and not (os.path.isfile(path) or dataset_exists(path)):
+            raise ConfigError(f"{flag} {path} does not exist (neither a file nor an indexed dataset's "
+                              "PREFIX.idx and PREFIX.bin)")
+    if cfg.vocab_file is not None and not os.path.isfile(cfg.vocab_file):
+        raise ConfigError(f"--vocab-file {cfg.vocab_file} does not exist")
     if cfg.pretrained_checkpoint is not None and not os.path.isdir(cfg.pretrained_checkpoint):
         raise ConfigError(f"--pretrained-checkpoint {cfg.pretrained_checkpoint} does not exist")
     if cfg.finetune and not cfg.load:

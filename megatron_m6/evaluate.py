@@ -37,6 +37,8 @@ from megatron_m6.data.downstream import (
     decode_image,
     layout,
     load_examples,
+    open_examples,
+    require_distractors,
 )
 from megatron_m6.inference.generate import (
     SamplingConfig,
@@ -219,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate an M6 checkpoint on a downstream task.", allow_abbrev=False)
     p.add_argument("--task", choices=FINETUNE_TASKS, required=True)
     p.add_argument("--load", required=True, help="checkpoint folder (any layout) or release")
-    p.add_argument("--data", required=True, help="jsonl of the task (as megatron_m6.finetune reads it)")
+    p.add_argument("--data", required=True, help="jsonl of the task, or an indexed dataset's prefix "
+                                                   "(as megatron_m6.finetune reads them)")
     p.add_argument("--retrieval-data", help="with --task itm: jsonl {image, text} of distinct pairs for recall@k")
     p.add_argument("--vocab-file", default=None, help="vocab.txt of the checkpoint (default: the shipped one)")
     p.add_argument("--output-dir", help="where metrics.json and predictions.jsonl go (default: print only)")
@@ -263,12 +266,13 @@ def main(argv: list[str] | None = None) -> None:
             raise CheckpointError(f"{a.vocab_file} has {tok.vocab_size} tokens, more than the checkpoint's "
                                   f"{model.cfg.vocab_size} embeddings: it is another vocabulary")
         size = model.cfg.image_size
-        examples, report = load_examples(a.data, a.task, size, a.max_bad_fraction, a.text_only)
+        examples, summary = open_examples(a.data, a.task, tok, size, a.max_bad_fraction, a.text_only)
+        require_distractors(a.task, examples, a.data)
         if a.retrieval_data and (a.task != "itm" or a.text_only):
             raise ValueError("--retrieval-data ranks images by the itm score: it needs --task itm and the images")
         retrieval = retrieval_pairs(a.retrieval_data, size) if a.retrieval_data else None
         if rank == 0:
-            print(report.summary(a.data), file=sys.stderr)
+            print(summary, file=sys.stderr)
         seq_length = a.seq_length or trained_seq_length(a.load)
         result, records = evaluate_task(model, tok, a.task, examples, sampling, a.batch_size, rank, world,
                                         retrieval, seq_length)

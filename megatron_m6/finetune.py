@@ -1,11 +1,12 @@
 """Fine-tuning entry point: `python -m megatron_m6.finetune --task TASK --train-data F [flags]`.
 
 The pretraining run with other data: the same flags, layouts, trainer, checkpoints and logs
-(megatron_m6/pretrain.py), on the samples of a downstream task (megatron_m6/data/downstream.py),
-which keep the prefix-LM layout: the task's input is the bidirectional source, its output the
-generated target. It starts from --pretrained-checkpoint's weights (or --load's with --finetune)
-with a fresh optimizer, schedule and iteration count; a --load folder that already holds a
-checkpoint of this run resumes it exactly, as pretraining does.
+(megatron_m6/pretrain.py), on the samples of a downstream task (megatron_m6/data/downstream.py:
+jsonl, or for large sets an indexed dataset of `tools/preprocess_data.py --task`), which keep the
+prefix-LM layout: the task's input is the bidirectional source, its output the generated target.
+It starts from --pretrained-checkpoint's weights (or --load's with --finetune) with a fresh
+optimizer, schedule and iteration count; a --load folder that already holds a checkpoint of this
+run resumes it exactly, as pretraining does.
 
 Every --eval-interval the validation loss is measured, and on --valid-data the task's metric
 (megatron_m6/evaluate.py): generation and scoring need the whole model on each rank, so under
@@ -22,7 +23,13 @@ import sys
 from torch.utils.data import DataLoader
 
 from megatron_m6.config import ConfigError, RunConfig, parse_args
-from megatron_m6.data.downstream import IMAGE_FINETUNE_TASKS, DownstreamDataError, DownstreamDataset, load_examples
+from megatron_m6.data.downstream import (
+    IMAGE_FINETUNE_TASKS,
+    DownstreamDataError,
+    DownstreamDataset,
+    open_examples,
+    require_distractors,
+)
 from megatron_m6.data.task_spec import LAYOUT_SPECIAL_TOKENS
 from megatron_m6.evaluate import PRIMARY_METRIC, evaluate_task
 from megatron_m6.inference.generate import SamplingConfig
@@ -104,13 +111,14 @@ def build(cfg: RunConfig, log=print) -> tuple[FinetuneTrainer, DataLoader]:
     if cfg.seq_length < n_img + LAYOUT_SPECIAL_TOKENS + 2:
         raise ConfigError(f"--seq-length {cfg.seq_length} cannot hold a {cfg.task} sample ({n_img} image tokens, "
                           f"{LAYOUT_SPECIAL_TOKENS} special tokens and text)")
-    read = lambda path: load_examples(path, cfg.task, m.image_size, cfg.max_bad_fraction, cfg.text_only)
-    train, report = read(cfg.train_data)
-    log(report.summary(cfg.train_data))
+    read = lambda path: open_examples(path, cfg.task, tok, m.image_size, cfg.max_bad_fraction, cfg.text_only)
+    train, summary = read(cfg.train_data)
+    log(summary)
     valid = []
     if cfg.valid_data:
-        valid, report = read(cfg.valid_data)
-        log(report.summary(cfg.valid_data))
+        valid, summary = read(cfg.valid_data)
+        require_distractors(cfg.task, valid, cfg.valid_data)
+        log(summary)
     if cfg.epochs is not None:
         cfg.train_iters = max(1, math.ceil(cfg.epochs * len(train) / cfg.global_batch_size))
         log(f"{cfg.epochs:g} epochs of {len(train)} examples: {cfg.train_iters} iterations")

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from megatron_m6.config import ConfigError, parse_args
-from megatron_m6.data.downstream import DownstreamDataError, decode_image, layout, load_examples
+from megatron_m6.data.downstream import DownstreamDataError, decode_image, layout, load_examples, open_examples
+from megatron_m6.data.preprocess import PreprocessConfig, preprocess
 from megatron_m6.data.sample_data import make_downstream_data, make_sample_data
 from megatron_m6.evaluate import evaluate_task, match_scores, predict, target_log_likelihoods
 from megatron_m6.finetune import build, run
@@ -170,6 +171,77 @@ def test_the_text_only_baseline_never_sees_an_image(data):
     tokens, prefix_len = layout(examples[0], tok, 32, 4)
     assert tok.img_id not in tokens and tokens[0] == tok.cls_id
     assert tok.decode(tokens[prefix_len:-1]) == examples[0].target and tokens[-1] == tok.eos_id
+
+
+# -- indexed datasets (tools/preprocess_data.py --task) -----------------------------------------
+def _preprocess(inputs: list[str], prefix: str, vocab: str, **kw):
+    cfg = PreprocessConfig(inputs=inputs, output_prefix=prefix, vocab_file=vocab, image_size=64, progress=False,
+                           chunk_bytes=256, workers=2, **kw)  # several chunks, out of order in the pool
+    return preprocess(cfg)
+
+
+@pytest.fixture(scope="module")
+def indexed(data, tmp_path_factory) -> dict[str, str]:
+    """task -> prefix of its indexed training set, built from the jsonl the other tests read."""
+    out = tmp_path_factory.mktemp("indexed")
+    prefixes = {}
+    for task in ("caption", "vqa", "itm", "text_generation"):
+        stats = _preprocess([f"{data}/downstream/{task}_train.jsonl"], str(out / task), f"{data}/vocab.txt", task=task)
+        prefixes[task] = str(out / f"{task}_{task}")
+        rows = [json.loads(line) for line in open(f"{data}/downstream/{task}_train.jsonl")]
+        assert dict(stats.skipped) == ({"itm_distractor": sum(r["label"] == 0 for r in rows)} if task == "itm" else {})
+    return prefixes
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa", "itm", "text_generation"])
+def test_an_indexed_dataset_holds_the_jsonl_rows(data, indexed, task):
+    """Row by row, the samples (tokens, prefix, image bytes) of the indexed set equal those of the
+    jsonl it was built from; itm keeps its matched pairs."""
+    tok = M6Tokenizer.from_vocab_file(f"{data}/vocab.txt")
+    want, _ = load_examples(f"{data}/downstream/{task}_train.jsonl", task, 64)
+    want = [e for e in want if e.label in (None, 1)]
+    got, summary = open_examples(indexed[task], task, tok, 64)
+    assert len(got) == len(want) and summary.endswith(f"{len(want)} documents of an indexed dataset")
+    for g, w in zip(got, want):
+        assert layout(g, tok, 32, 4) == layout(w, tok, 32, 4)
+        assert g.image == w.image and g.target == w.target and g.references == [w.target]
+    assert list(got)[-1].line == len(want)  # iteration stops at the end
+
+
+def test_caption_finetuning_reads_the_pretraining_pairs(data, tmp_path):
+    """A caption set may be the pretraining image-text pairs, documents of [caption, image]."""
+    _preprocess([f"{data}/captions_train.jsonl"], str(tmp_path / "pairs"), f"{data}/vocab.txt", image_key="image")
+    tok = M6Tokenizer.from_vocab_file(f"{data}/vocab.txt")
+    got, _ = open_examples(str(tmp_path / "pairs_text_image"), "caption", tok, 64)
+    want, _ = load_examples(f"{data}/captions_train.jsonl", "caption", 64)
+    assert [(e.source_ids, e.target_ids, e.image) for e in got] == [([], tok.encode(w.target), w.image) for w in want]
+
+
+def test_finetuning_from_an_indexed_dataset_equals_finetuning_from_its_jsonl(data, pretrained, indexed):
+    argv = task_args(data, "vqa", "--params-dtype", "float64", "--pretrained-checkpoint", pretrained)
+    want = finetune_steps(argv)
+    destroy_process_mesh()
+    argv[argv.index("--train-data") + 1] = indexed["vqa"]
+    argv[argv.index("--valid-data") + 1] = indexed["vqa"]
+    got = finetune_steps(argv)
+    destroy_process_mesh()
+    assert got[0] == want[0]  # the same samples in the same order: the same losses, bit for bit
+    assert all(torch.equal(g[k], w[k]) for g, w in zip(got[1], want[1]) for k in w)
+
+
+def test_an_indexed_dataset_of_another_kind_is_one_error(data, indexed, tmp_path):
+    tok = M6Tokenizer.from_vocab_file(f"{data}/vocab.txt")
+    with pytest.raises(DownstreamDataError, match="is a text dataset; task vqa needs image-text documents"):
+        open_examples(indexed["text_generation"], "vqa", tok, 64)
+    _preprocess([f"{data}/text.jsonl"], str(tmp_path / "corpus"), f"{data}/vocab.txt", append_eod=True)
+    with pytest.raises(DownstreamDataError, match=r"documents are \[source, target\]; this one is another kind"):
+        open_examples(str(tmp_path / "corpus_text_document"), "text_generation", tok, 64)
+    with pytest.raises(DownstreamDataError, match="neither a jsonl file nor an indexed dataset"):
+        open_examples(str(tmp_path / "nothing"), "vqa", tok, 64)
+    argv = task_args(data, "itm")
+    argv[argv.index("--valid-data") + 1] = indexed["itm"]
+    with pytest.raises(DownstreamDataError, match="itm accuracy needs each image's distractors"):
+        build(parse_args(argv, entry="finetune"), log=QUIET)
 
 
 # -- evaluation against independent computations ---------------------------------------------

@@ -4,6 +4,8 @@
         --split-sentences --append-eod                       # -> data/zh_text_sentence.{bin,idx}
     python tools/preprocess_data.py --input pairs.jsonl --output-prefix data/pairs \\
         --image-key image --image-size 224                   # -> data/pairs_text_image.{bin,idx}
+    python tools/preprocess_data.py --input vqa_train.jsonl --output-prefix data/vqa_train \\
+        --task vqa --image-size 224                          # -> data/vqa_train_vqa.{bin,idx}
 
 Megatron's flags where they exist (--input, --output-prefix, --json-keys, --tokenizer-type,
 --vocab-file, --append-eod, --split-sentences, --workers, --partitions, --log-interval), plus the
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from megatron_m6.data.cleaning import CleaningConfig  # noqa: E402
 from megatron_m6.data.preprocess import PreprocessConfig, format_report, preprocess  # noqa: E402
+from megatron_m6.data.task_spec import FINETUNE_TASKS  # noqa: E402
 
 # M6 has one tokenizer, BERT's lower-cased WordPiece with every CJK character split out; Megatron
 # command lines name it BertWordPieceLowerCase, so both names are accepted and any other refused.
@@ -71,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip smaller images (px)")
     g.add_argument("--max-aspect-ratio", type=float, default=DEFAULTS.max_aspect_ratio,
                    help="skip more elongated images")
+    g = p.add_argument_group("fine-tuning data")
+    g.add_argument("--task", choices=FINETUNE_TASKS,
+                   help="rows of this downstream task (its own fields, as megatron_m6.finetune reads "
+                        "them) -> documents of [source, target] (and the image): PREFIX_TASK; "
+                        "no cleaning or deduplication, itm keeps its matched pairs")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=DEFAULTS.workers,
                    help="processes that clean and tokenise")
@@ -84,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.task and (a.image_key or a.json_keys != DEFAULTS.json_keys or a.split_sentences or a.append_eod):
+        p.error("--task reads the task's own fields into [source, target] documents: --image-key, --json-keys, "
+                "--split-sentences and --append-eod do not apply")
     cfg = PreprocessConfig(
         inputs=a.input, output_prefix=a.output_prefix, json_keys=a.json_keys,
         vocab_file=a.vocab_file, append_eod=a.append_eod, split_sentences=a.split_sentences,
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                                 traditional_to_simplified=a.traditional_to_simplified),
         exact_dedup=not a.no_dedup, near_dedup=not a.no_near_dedup, image_key=a.image_key,
         image_size=a.image_size, jpeg_quality=a.jpeg_quality, min_image_size=a.min_image_size,
-        max_aspect_ratio=a.max_aspect_ratio, progress=not a.no_progress)
+        max_aspect_ratio=a.max_aspect_ratio, progress=not a.no_progress, task=a.task)
     try:
         stats = preprocess(cfg)
     except (FileNotFoundError, ValueError) as e:

@@ -20,10 +20,12 @@ weights and trains under every layout with the one loss. Its scores rank texts f
 images for one text (accuracy: the matched text outscores every distractor of its image;
 retrieval recall@k), but are no calibrated probability of a match.
 
-Images are what preprocessing accepts (a path relative to the jsonl file, a data: URI or bare
-base64); each is read and normalised once, when the file is loaded (data/images.py), so a missing
-or corrupt image is counted there, and more than --max-bad-fraction of them stops the run with one
-error before any work.
+Data comes as jsonl, or for large sets as an indexed dataset that `tools/preprocess_data.py --task
+TASK` built from the same jsonl (IndexedExamples: token ids and JPEGs on disk, read when a sample
+needs them). In jsonl, images are what preprocessing accepts (a path relative to the jsonl file, a
+data: URI or bare base64); each is read and normalised once, when the file is loaded
+(data/images.py), so a missing or corrupt image is counted there, and more than
+--max-bad-fraction of them stops the run with one error before any work.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import io
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +43,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from megatron_m6.data.dataset import image_to_tensor
-from megatron_m6.data.images import load_image_bytes, prepare_image
-from megatron_m6.data.preprocess import PreprocessConfig
+from megatron_m6.data.images import JPEG_QUALITY, MAX_ASPECT_RATIO, MIN_IMAGE_SIZE, load_image_bytes, prepare_image
+from megatron_m6.data.indexed import IMAGE_MODE, IndexedDataset, IndexedDatasetError, dataset_exists
 from megatron_m6.data.task_spec import FINETUNE_TASKS, LAYOUT_SPECIAL_TOKENS, TASK_NAMES
 
 IMAGE_FINETUNE_TASKS = ("caption", "vqa", "itm")
@@ -61,7 +64,8 @@ class DownstreamDataError(ValueError):
 class Example:
     """One row of a task: the source and target texts, the image (normalised JPEG bytes) or None,
     and for itm the label and the image's jsonl value (`group`: the texts one image is matched
-    against); `references` holds every acceptable answer (captions, VQA answers)."""
+    against); `references` holds every acceptable answer (captions, VQA answers). Rows of an
+    indexed dataset also carry the token ids they were stored as."""
 
     source: str
     target: str
@@ -69,7 +73,9 @@ class Example:
     references: list[str] = field(default_factory=list)
     label: int | None = None
     group: str = ""
-    line: int = 0  # in its jsonl file, so a prediction can be traced to its row
+    line: int = 0  # in its jsonl file (or the document's number, from 1), to trace a prediction to its row
+    source_ids: list[int] | None = None
+    target_ids: list[int] | None = None
 
 
 @dataclass
@@ -82,7 +88,7 @@ class LoadReport:
         return f"{path}: {self.rows} rows" + (f", skipped {reasons}" if reasons else "")
 
 
-def _row_example(task: str, row: dict, where: str) -> Example:
+def row_example(task: str, row: dict, where: str) -> Example:
     """The Example of one parsed row (its image not read yet); a missing field is an error."""
     if task == "caption" and "caption" not in row and "text" in row:
         row = {**row, "caption": row["text"]}
@@ -127,13 +133,12 @@ def load_examples(path: str, task: str, image_size: int, max_bad_fraction: float
             if not isinstance(row, dict):
                 raise DownstreamDataError(f"{where}: a row must be a json object")
             report.rows += 1
-            example = _row_example(task, row, where)
+            example = row_example(task, row, where)
             example.line = line_no
             if task in IMAGE_FINETUNE_TASKS and not text_only:
                 data, reason = load_image_bytes(str(row["image"]), base_dir)
                 if data is not None:
-                    data, reason = prepare_image(data, image_size, PreprocessConfig.jpeg_quality,  # its defaults
-                                                 PreprocessConfig.min_image_size, PreprocessConfig.max_aspect_ratio)
+                    data, reason = prepare_image(data, image_size, JPEG_QUALITY, MIN_IMAGE_SIZE, MAX_ASPECT_RATIO)
                 if data is None:
                     report.skipped[reason] += 1
                     continue
@@ -149,6 +154,74 @@ def load_examples(path: str, task: str, image_size: int, max_bad_fraction: float
     return examples, report
 
 
+class IndexedExamples(Sequence):
+    """The rows of an indexed dataset of a task, each read from disk when asked for, so a large set
+    costs no memory. `tools/preprocess_data.py --task TASK` writes them as documents of a source
+    and a target item, then the image for the image tasks; a caption set may also be the
+    pretraining pairs (`--image-key`), documents of [caption, image]. An itm set holds its matched
+    pairs only (what fine-tuning trains on). Texts are kept as the token ids training reads, and
+    decoded for the metrics and the predictions' file."""
+
+    def __init__(self, prefix: str, task: str, tok, text_only: bool = False):
+        try:
+            ds = self.ds = IndexedDataset(prefix)
+        except IndexedDatasetError as e:
+            raise DownstreamDataError(str(e)) from None
+        self.task, self.tok, self.text_only = task, tok, text_only
+        self.with_image = task in IMAGE_FINETUNE_TASKS
+        kinds = ("text", "image-text")
+        if ds.multimodal != self.with_image:
+            raise DownstreamDataError(f"{prefix} is a {kinds[ds.multimodal]} dataset; task {task} needs "
+                                      f"{kinds[self.with_image]} documents (tools/preprocess_data.py --task {task})")
+        if ds.num_documents == 0:
+            raise DownstreamDataError(f"{prefix} has no documents")
+        self.text_items = np.diff(ds.document_indices) - int(self.with_image)
+        allowed = (1, 2) if task == "caption" else (2,)
+        modes = ds.sequence_modes
+        images_last = not self.with_image or ((modes == IMAGE_MODE).sum() == ds.num_documents
+                                              and (modes[ds.document_indices[1:] - 1] == IMAGE_MODE).all())
+        if not images_last or not np.isin(self.text_items, allowed).all():
+            shape = "[source, target, image]" if self.with_image else "[source, target]"
+            raise DownstreamDataError(f"{prefix}: a {task} dataset's documents are {shape}; this one is another "
+                                      "kind (build it with tools/preprocess_data.py --task)")
+
+    def __len__(self) -> int:
+        return self.ds.num_documents
+
+    def __getitem__(self, i: int) -> Example:
+        if not 0 <= i < len(self):
+            raise IndexError(f"document {i} out of range [0, {len(self)})")
+        first, n_text = int(self.ds.document_indices[i]), int(self.text_items[i])
+        source = self.ds[first].tolist() if n_text == 2 else []
+        target = self.ds[first + n_text - 1].tolist()
+        image = self.ds.image_bytes(first + n_text) if self.with_image and not self.text_only else None
+        text = self.tok.decode(target)
+        return Example(self.tok.decode(source), text, image, [text], 1 if self.task == "itm" else None,
+                       group=str(i), line=i + 1, source_ids=source, target_ids=target)
+
+
+def open_examples(path: str, task: str, tok, image_size: int, max_bad_fraction: float = 0.0,
+                  text_only: bool = False) -> tuple[Sequence[Example], str]:
+    """The examples of `path`, a jsonl file (load_examples) or an indexed dataset's prefix
+    (IndexedExamples), and a line saying what was read."""
+    if task not in FINETUNE_TASKS:
+        raise DownstreamDataError(f"unknown task {task!r}; tasks are {', '.join(FINETUNE_TASKS)}")
+    if os.path.isfile(path):
+        examples, report = load_examples(path, task, image_size, max_bad_fraction, text_only)
+        return examples, report.summary(path)
+    if dataset_exists(path):
+        examples = IndexedExamples(path, task, tok, text_only)
+        return examples, f"{path}: {len(examples)} documents of an indexed dataset"
+    raise DownstreamDataError(f"{path} is neither a jsonl file nor an indexed dataset (PREFIX.idx and PREFIX.bin)")
+
+
+def require_distractors(task: str, examples: Sequence[Example], path: str) -> None:
+    """itm is measured on each image's texts, matched and not: an indexed set has only the matches."""
+    if task == "itm" and isinstance(examples, IndexedExamples):
+        raise DownstreamDataError(f"{path}: itm accuracy needs each image's distractors, which an indexed "
+                                  "dataset does not keep; give the jsonl")
+
+
 def layout(example: Example, tok, seq_length: int, num_image_tokens: int,
            with_target: bool = True) -> tuple[list[int], int]:
     """(tokens, prefix_len) of `[IMG]*n [CLS] source [SEP] target [EOS]` (target and EOS only with
@@ -156,7 +229,8 @@ def layout(example: Example, tok, seq_length: int, num_image_tokens: int,
     tokens (a question or prompt ends it); a target that cannot fit is cut too, keeping its EOS.
     A prefix is cut as the sample with its target would be, so generation reads what training read."""
     n_img = num_image_tokens if example.image is not None else 0
-    source, target = tok.encode(example.source), tok.encode(example.target)
+    source = tok.encode(example.source) if example.source_ids is None else example.source_ids
+    target = tok.encode(example.target) if example.target_ids is None else example.target_ids
     budget = seq_length - n_img - LAYOUT_SPECIAL_TOKENS
     target = target[:max(budget, 0)]
     keep = max(budget - len(target), 0)
@@ -176,9 +250,9 @@ class DownstreamDataset(Dataset):
     epoch in a fresh order that is a pure function of (seed, epoch), so resuming needs only the
     consumed-sample count."""
 
-    def __init__(self, examples: list[Example], task: str, tok, seq_length: int, num_image_tokens: int,
+    def __init__(self, examples: Sequence[Example], task: str, tok, seq_length: int, num_image_tokens: int,
                  image_size: int, seed: int, num_samples: int):
-        if task == "itm":
+        if task == "itm" and not isinstance(examples, IndexedExamples):
             examples = [e for e in examples if e.label == 1]
         if not examples:
             raise DownstreamDataError(f"no {task} examples to train on")

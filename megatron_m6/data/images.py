@@ -19,6 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_NOT_FOUND, BAD_BASE64 = "image_not_found", "bad_base64"
 UNREADABLE, TRUNCATED, TOO_SMALL, EXTREME_ASPECT, TOO_LARGE = (
     "unreadable_image", "truncated_image", "too_small", "extreme_aspect", "too_large")
+# How images are kept unless told otherwise, by preprocessing (its flags' defaults) and fine-tuning.
+JPEG_QUALITY, MIN_IMAGE_SIZE, MAX_ASPECT_RATIO = 90, 64, 3.0
 _BASE64_RE = re.compile(r"[A-Za-z0-9+/=\s]+")
 
 

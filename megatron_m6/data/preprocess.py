@@ -28,12 +28,13 @@ import numpy as np
 
 from megatron_m6.data.cleaning import Cleaner, CleaningConfig, split_sentences
 from megatron_m6.data.dedup import Deduplicator, digest, minhash
-from megatron_m6.data.images import load_image_bytes, prepare_image
+from megatron_m6.data.downstream import IMAGE_FINETUNE_TASKS, REQUIRED_FIELDS, DownstreamDataError, row_example
+from megatron_m6.data.images import JPEG_QUALITY, MAX_ASPECT_RATIO, MIN_IMAGE_SIZE, load_image_bytes, prepare_image
 from megatron_m6.data.indexed import MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets, token_dtype
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 
-INVALID_UTF8, BAD_JSON, MISSING_KEY, EMPTY_FILE, EMPTY_TEXT = (
-    "invalid_utf8", "bad_json", "missing_key", "empty_file", "empty_text")
+INVALID_UTF8, BAD_JSON, MISSING_KEY, EMPTY_FILE, EMPTY_TEXT, ITM_DISTRACTOR = (
+    "invalid_utf8", "bad_json", "missing_key", "empty_file", "empty_text", "itm_distractor")
 TEXT_CHUNK_BYTES, IMAGE_CHUNK_BYTES = 1 << 20, 1 << 15
 EXAMPLES_PER_REASON = 3
 
@@ -56,14 +57,21 @@ class PreprocessConfig:
     near_dedup: bool = True
     image_key: str | None = None  # set: the input holds image-text pairs
     image_size: int = 224
-    jpeg_quality: int = 90
-    min_image_size: int = 64
-    max_aspect_ratio: float = 3.0
+    jpeg_quality: int = JPEG_QUALITY
+    min_image_size: int = MIN_IMAGE_SIZE
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
     chunk_bytes: int | None = None  # default: 1 MiB for text, 32 KiB for image-text pairs
     progress: bool = True
+    task: str | None = None  # set: rows of a fine-tuning task (data/downstream.py), one output
+
+    @property
+    def with_images(self) -> bool:
+        return bool(self.image_key) or self.task in IMAGE_FINETUNE_TASKS
 
     def output_names(self) -> dict[str, str]:
-        """JSON key -> output prefix."""
+        """JSON key (or the task) -> output prefix."""
+        if self.task:
+            return {self.task: f"{self.output_prefix}_{self.task}"}
         if self.image_key:
             return {self.json_keys[0]: f"{self.output_prefix}_{self.json_keys[0]}_image"}
         level = "sentence" if self.split_sentences else "document"
@@ -331,14 +339,69 @@ def process_image_chunk(chunk: Chunk) -> ChunkResult:
                        skip.counts, skip.examples)
 
 
+def _downstream_row(obj: dict, where: str, base_dir: str) -> tuple[tuple | None, str | None, str]:
+    """((source, target, JPEG or None), None, "") for one parsed row of cfg.task, or (None, reason,
+    detail). The texts are kept as written, as fine-tuning from jsonl reads them: no cleaning, no
+    deduplication (a VQA set asks the same question of many images)."""
+    cfg = _worker.cfg
+    try:
+        example = row_example(cfg.task, obj, where)
+    except DownstreamDataError as e:
+        return None, MISSING_KEY, str(e).partition(": ")[2][:80]
+    if example.label == 0:
+        return None, ITM_DISTRACTOR, repr(example.target[:40])
+    if not example.target.strip():
+        return None, EMPTY_TEXT, "empty target"
+    if cfg.task not in IMAGE_FINETUNE_TASKS:
+        return (example.source, example.target, None), None, ""
+    data, reason = load_image_bytes(str(obj["image"]), base_dir)
+    if data is not None:
+        data, reason = prepare_image(data, cfg.image_size, cfg.jpeg_quality, cfg.min_image_size,
+                                     cfg.max_aspect_ratio)
+    if data is None:
+        return None, reason, str(obj["image"])[:60]
+    return (example.source, example.target, data), None, ""
+
+
+def process_downstream_chunk(chunk: Chunk) -> ChunkResult:
+    """Rows of a fine-tuning task -> documents of [source, target] items (then the image)."""
+    cfg = _worker.cfg
+    base_dir = os.path.dirname(os.path.abspath(chunk.path))
+    lines = read_lines(chunk)
+    skip = SkipRecorder()
+    rows, line_of = [], []
+    for n, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        obj, reason, detail = _parse(raw)
+        row = None
+        if obj is not None:
+            row, reason, detail = _downstream_row(obj, f"line {n}", base_dir)
+        if row is None:
+            skip(reason, n, detail)
+            continue
+        rows.append(row)
+        line_of.append(n)
+    ids = _worker.tok.encode_batch([r[0] for r in rows] + [r[1] for r in rows])
+    items = [x for pair in zip(ids[:len(rows)], ids[len(rows):]) for x in pair]  # source, target, ...
+    tokens = np.concatenate(items).astype(np.int32) if items else np.zeros(0, np.int32)
+    out = Output(tokens, np.array([len(x) for x in items], np.int32), np.full(len(rows), 2, np.int64), line_of,
+                 images=[r[2] for r in rows if r[2] is not None])
+    return ChunkResult(chunk.path, len(lines), chunk.end - chunk.start, {cfg.task: out}, skip.counts,
+                       skip.examples)
+
+
 # -- the writer process -------------------------------------------------------------------------
 def _write(writer: IndexedDatasetWriter, out: Output, keep: np.ndarray) -> None:
-    """Append the kept documents of a chunk: one bulk write for text, item by item with images
-    (by the writer's kind: a chunk of image-text pairs may have kept no image at all)."""
+    """Append the kept documents of a chunk: one bulk write for text, item by item with images,
+    each document's text items then its image (by the writer's kind: a chunk of image-text pairs
+    may have kept no image at all)."""
     if writer.multimodal:
         offsets = np.concatenate([[0], np.cumsum(out.item_lengths)])
+        first_item = np.concatenate([[0], np.cumsum(out.doc_items)])
         for i in np.flatnonzero(keep).tolist():
-            writer.add_item(out.tokens[offsets[i]:offsets[i + 1]])
+            for j in range(first_item[i], first_item[i + 1]):
+                writer.add_item(out.tokens[offsets[j]:offsets[j + 1]])
             writer.add_image(out.images[i])
             writer.end_document()
         return
@@ -416,19 +479,19 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
     log = log or (lambda s: tqdm.write(s, file=sys.stderr))
     stats = Stats()
     names = cfg.output_names()
-    dedup = {k: Deduplicator(cfg.exact_dedup and not cfg.image_key,
-                             cfg.near_dedup and not cfg.image_key) for k in names}
+    text_dedup = not (cfg.image_key or cfg.task)
+    dedup = {k: Deduplicator(cfg.exact_dedup and text_dedup, cfg.near_dedup and text_dedup) for k in names}
     lines_before: Counter = Counter()  # per input file: lines in its chunks so far
     logged: Counter = Counter()  # per reason: examples logged so far
     start = time.perf_counter()
     bar = _ProgressBar(sum(c.end - c.start for c in chunks), f"part {position}" if suffix else "preprocess",
                        position, cfg.log_interval, cfg.progress, start)
-    work = process_image_chunk if cfg.image_key else process_text_chunk
-    dtype = (MULTIMODAL_DTYPE if cfg.image_key
+    work = (process_downstream_chunk if cfg.task else process_image_chunk if cfg.image_key
+            else process_text_chunk)
+    dtype = (MULTIMODAL_DTYPE if cfg.with_images
              else token_dtype(M6Tokenizer.from_vocab_file(cfg.vocab_file).vocab_size))
     with ExitStack() as stack:
-        writers = {k: stack.enter_context(IndexedDatasetWriter(name + suffix, dtype,
-                                                               bool(cfg.image_key)))
+        writers = {k: stack.enter_context(IndexedDatasetWriter(name + suffix, dtype, cfg.with_images))
                    for k, name in names.items()}
         pool = stack.enter_context(Pool(cfg.workers, _init_worker, (cfg,)))
         for res in pool.imap(work, chunks):
@@ -461,10 +524,12 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
         raise ValueError("need 1 <= --jpeg-quality <= 100 and --image-size >= 8")
     if cfg.image_key and len(cfg.json_keys) != 1:
         raise ValueError("with --image-key, --json-keys names one field: the caption")
+    if cfg.task and cfg.task not in REQUIRED_FIELDS:
+        raise ValueError(f"unknown --task {cfg.task!r}; tasks are {', '.join(REQUIRED_FIELDS)}")
     M6Tokenizer.from_vocab_file(cfg.vocab_file)  # fail now, not in every worker
     files = expand_inputs(cfg.inputs)
     empty = [f for f in files if os.path.getsize(f) == 0]
-    chunk_bytes = cfg.chunk_bytes or (IMAGE_CHUNK_BYTES if cfg.image_key else TEXT_CHUNK_BYTES)
+    chunk_bytes = cfg.chunk_bytes or (IMAGE_CHUNK_BYTES if cfg.with_images else TEXT_CHUNK_BYTES)
     chunks = make_chunks(files, chunk_bytes)
     start = time.perf_counter()
     if cfg.partitions == 1:
