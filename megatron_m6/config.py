@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid-data", type=str, help="the same, for the validation loss and the task's metric every "
                                                   "--eval-interval (itm's metric needs the jsonl)")
     g.add_argument("--pretrained-checkpoint", type=str,
-                   help="checkpoint whose weights fine-tuning starts from (when --load holds no checkpoint yet)")
+                   help="checkpoint or release (tools/checkpoint/convert.py to-release) whose weights fine-tuning "
+                        "starts from, under any layout (when --load holds no checkpoint yet)")
     g.add_argument("--finetune", action="store_true", default=None,
                    help="load only --load's weights: fresh optimizer, schedule and iteration count")
     g.add_argument("--epochs", type=float, help="passes over --train-data (instead of --train-iters)")

@@ -28,10 +28,13 @@ from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.model import M6, init_weights
+from megatron_m6.tokenizer import M6Tokenizer
 from megatron_m6.training.checkpoint import (
     CheckpointError,
     _fsync_write,
@@ -82,6 +85,16 @@ def release_config(path: str) -> ModelConfig:
     return model_config_from_dict(saved.get("model_config", {}), f"{path}/{CONFIG}")
 
 
+def release_meta(path: str) -> dict:
+    """What a release keeps of a checkpoint's meta: the iteration, and the vocabulary's digest
+    when it ships its vocab.txt."""
+    with open(os.path.join(path, CONFIG), encoding="utf-8") as f:
+        iteration = json.load(f).get("iteration", 0)
+    vocab = os.path.join(path, VOCAB)
+    return {"iteration": iteration,
+            "vocab_sha256": M6Tokenizer.from_vocab_file(vocab).digest if os.path.isfile(vocab) else None}
+
+
 def release_files(path: str) -> dict[str, str]:
     """Tensor name -> the shard file holding it; one clear error for a missing index or shard."""
     if os.path.isfile(os.path.join(path, SINGLE)):
@@ -101,11 +114,12 @@ def release_files(path: str) -> dict[str, str]:
     return weight_map
 
 
-def read_release(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every weight in the release, one shard open at a time."""
+def read_release(path: str, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight in the release (or of `names`), one shard open at a time."""
     by_shard: dict[str, list[str]] = {}
     for name, shard in release_files(path).items():
-        by_shard.setdefault(shard, []).append(name)
+        if names is None or name in names:
+            by_shard.setdefault(shard, []).append(name)
     for shard, names in sorted(by_shard.items()):
         try:
             with safe_open(os.path.join(path, shard), framework="pt") as f:
@@ -142,6 +156,32 @@ def load_release_weights(path: str, model: M6) -> None:
             raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
                                   f"the model wants {tuple(state[name].shape)}")
         state[name].copy_(tensor)
+
+
+@torch.no_grad()
+def load_release_into_parts(path: str, parts: list[nn.Module], cfg: ModelConfig) -> None:
+    """The release's weights into this rank's share of a training model under any layout: each
+    rank reads only the tensors its stages hold and keeps its own slice of each (tensor- and
+    FSDP-sharded parameters are DTensors), so no rank needs the whole model and nothing is sent."""
+    files = release_files(path)
+    states = [get_model_state_dict(part) for part in parts]
+    source = {name: EMBEDDING if name == TIED_HEAD and _tied(cfg) else name for state in states for name in state}
+    missing = sorted(set(source.values()) - set(files))
+    if missing:
+        raise CheckpointError(f"{path} does not fit its model config: missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}")
+    full = dict(read_release(path, set(source.values())))
+    for part, state in zip(parts, states):
+        loaded = {}
+        for name, target in state.items():
+            tensor = full[source[name]]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(f"{path}: {source[name]} has shape {tuple(tensor.shape)}, "
+                                      f"the model wants {tuple(target.shape)}")
+            tensor = tensor.to(target.dtype)
+            loaded[name] = (distribute_tensor(tensor, target.device_mesh, target.placements, src_data_rank=None)
+                            if isinstance(target, DTensor) else tensor.to(target.device))
+        set_model_state_dict(part, loaded)
 
 
 def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:

@@ -6,6 +6,7 @@ evaluation's scores equal an independent computation of the same quantities."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from megatron_m6.config import ConfigError, parse_args
+from megatron_m6.conversion import checkpoint_to_release
 from megatron_m6.data.downstream import DownstreamDataError, decode_image, layout, load_examples, open_examples
 from megatron_m6.data.preprocess import PreprocessConfig, preprocess
 from megatron_m6.data.sample_data import make_downstream_data, make_sample_data
@@ -101,6 +103,51 @@ def test_resumed_finetuning_equals_an_uninterrupted_run(data, pretrained, tmp_pa
     assert resumed.history == straight.history[3:]
     assert resumed.best == straight.best and straight.best["metric"] == "accuracy"
     assert os.path.isdir(os.path.join(resumed_dir, "best", f"iter_{straight.best['iteration']:07d}"))
+
+
+@pytest.fixture(scope="module")
+def release(data, pretrained, tmp_path_factory) -> str:
+    """The pretrained checkpoint as a release (float64 kept, its vocab.txt shipped)."""
+    out = str(tmp_path_factory.mktemp("release") / "m6")
+    checkpoint_to_release(pretrained, out, vocab_file=f"{data}/vocab.txt", progress=False)
+    return out
+
+
+RELEASE_LAYOUTS = {"TP2": LAYOUTS["TP2"], "PP2": LAYOUTS["PP2"], "FSDP2": ["--data-parallel-sharding", "full"]}
+
+
+@pytest.mark.parametrize("layout_name", ["one process", *RELEASE_LAYOUTS])
+def test_finetuning_from_a_release_equals_finetuning_from_its_checkpoint(data, pretrained, release, layout_name):
+    """Each rank keeps its slice of the release's tensors: under TP2, PP2 and FSDP2 the run
+    equals one process started from the training checkpoint (float64)."""
+    argv = task_args(data, "vqa", "--params-dtype", "float64", "--pretrained-checkpoint", pretrained)
+    want = finetune_steps(argv)
+    destroy_process_mesh()
+    argv[argv.index("--pretrained-checkpoint") + 1] = release
+    if layout_name == "one process":
+        got = finetune_steps(argv)
+        destroy_process_mesh()
+        assert got[0] == want[0] and all(torch.equal(g[k], w[k]) for g, w in zip(got[1], want[1]) for k in w)
+    else:
+        assert_close(run_parallel(2, argv + RELEASE_LAYOUTS[layout_name], fn=finetune_steps), want,
+                     f"{layout_name} from a release", FLOAT64_TOLERANCE)
+
+
+def test_a_release_of_another_vocabulary_or_shape_is_refused(data, release, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(release, other)
+    tokens = (other / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    tokens[-1], tokens[-2] = tokens[-2], tokens[-1]
+    (other / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    argv = task_args(data, "vqa", "--pretrained-checkpoint", str(other))
+    with pytest.raises(CheckpointError, match="another vocabulary"):
+        build(parse_args(argv, entry="finetune"), log=QUIET)
+    destroy_process_mesh()
+    argv = task_args(data, "vqa", "--pretrained-checkpoint", release)
+    argv[argv.index("--hidden-size") + 1] = "48"
+    with pytest.raises(CheckpointError, match="hidden_size: checkpoint 32, now 48"):
+        build(parse_args(argv, entry="finetune"), log=QUIET)
+    destroy_process_mesh()
 
 
 def test_no_load_optim_keeps_the_position_and_starts_a_fresh_optimizer(data, pretrained, tmp_path):

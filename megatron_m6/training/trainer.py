@@ -17,6 +17,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from megatron_m6.config import RunConfig
+from megatron_m6.conversion import is_release, load_release_into_parts, release_config, release_meta
 from megatron_m6.data.task_spec import TASK_NAMES
 from megatron_m6.parallel import ParallelDims, ParallelState
 from megatron_m6.parallel.tensor_parallel import token_losses
@@ -388,13 +389,23 @@ class Trainer:
         return meta
 
     def load_weights(self, load_dir: str) -> dict:
-        """Start from the weights of the latest checkpoint in `load_dir` (fine-tuning): a fresh
-        optimizer, schedule and iteration count, this run's RNG streams. A checkpoint trained on
-        another vocabulary is refused, even where the padded sizes agree."""
-        meta = ckpt.load_checkpoint(load_dir, self.model, self.optimizer, self.cfg.model,
-                                    load_optim=False, load_rng=False)
+        """Start from the weights of the latest checkpoint in `load_dir`, or of the release there
+        (fine-tuning): a fresh optimizer, schedule and iteration count, this run's RNG streams. A
+        checkpoint trained on another vocabulary is refused, even where the padded sizes agree."""
+        if is_release(load_dir):
+            meta = self._load_release(load_dir)
+        else:
+            meta = ckpt.load_checkpoint(load_dir, self.model, self.optimizer, self.cfg.model,
+                                        load_optim=False, load_rng=False)
         saved = meta.get("vocab_sha256")
         if saved and self.vocab_sha256 and saved != self.vocab_sha256:
             raise ckpt.CheckpointError(f"{load_dir} was trained with another vocabulary than "
                                        f"{self.cfg.vocab_file or 'the shipped one'}: token ids would not match")
         return meta
+
+    def _load_release(self, path: str) -> dict:
+        """A release's weights under this run's layout, and what a release keeps of a checkpoint's meta."""
+        ckpt.check_model_config(dataclasses.asdict(release_config(path)), self.cfg.model)
+        parts = list(self.model) if isinstance(self.model, nn.ModuleList) else [self.model]
+        load_release_into_parts(path, parts, self.cfg.model)
+        return release_meta(path)
