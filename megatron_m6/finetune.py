@@ -9,17 +9,23 @@ optimizer, schedule and iteration count; a --load folder that already holds a ch
 run resumes it exactly, as pretraining does.
 
 Every --eval-interval the validation loss is measured, and on --valid-data the task's metric
-(megatron_m6/evaluate.py): generation and scoring need the whole model on each rank, so under
-tensor, pipeline or expert parallelism, or FSDP, the metric is the validation loss instead (said
-once in the log). --save-best keeps the checkpoint of the best metric in SAVE/best.
+(megatron_m6/evaluate.py). Generation and scoring need the whole model on each rank: under tensor,
+pipeline or expert parallelism, or FSDP, every rank gathers a copy for the evaluation; where that
+would not fit, the validation loss stands in for the metric (said once in the log). --save-best
+keeps the checkpoint of the best metric in SAVE/best.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
 
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
 
 from megatron_m6.config import ConfigError, RunConfig, parse_args
@@ -33,7 +39,9 @@ from megatron_m6.data.downstream import (
 from megatron_m6.data.task_spec import LAYOUT_SPECIAL_TOKENS
 from megatron_m6.evaluate import PRIMARY_METRIC, evaluate_task
 from megatron_m6.inference.generate import SamplingConfig
+from megatron_m6.model import M6
 from megatron_m6.parallel import destroy_process_mesh
+from megatron_m6.parallel.initialisation import materialize
 from megatron_m6.pretrain import load_tokenizer, setup
 from megatron_m6.training import checkpoint as ckpt
 from megatron_m6.training.checkpoint import CheckpointError
@@ -50,20 +58,66 @@ class FinetuneTrainer(Trainer):
     examples = None  # validation Examples; set by `run`
     tokenizer = None
     best: dict | None = None  # {"metric", "value", "iteration"}
+    last_metrics: dict | None = None  # the task's metrics at the last validation
+    _said_too_large = False
 
     def _metric(self) -> tuple[str, float]:
-        """(name, value) of the task's metric on the validation examples, higher is better."""
+        """(name, value) of the task's metric on the validation examples, higher is better.
+        Generation and scoring run on a whole model: under TP, PP, EP or FSDP every rank gathers a
+        copy for the evaluation and takes a share of the examples. Where that copy would not fit
+        in the free memory of some rank, the validation loss stands in for the metric."""
         dims, cfg = self.parallel.dims, self.cfg
-        whole_model = dims.tp == dims.pp == dims.ep == 1 and cfg.data_parallel_sharding == "replicate"
-        if not whole_model:
+        sharded = not (dims.tp == dims.pp == dims.ep == 1 and cfg.data_parallel_sharding == "replicate")
+        if sharded and not self._whole_model_fits():
             return "-validation loss", -self._last_loss
+        model = self._whole_model() if sharded else self.model
+        rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (self.parallel.dp_rank, dims.dp)
         sampling = SamplingConfig(max_new_tokens=EVAL_MAX_NEW_TOKENS)
-        result, _ = evaluate_task(self.model, self.tokenizer, cfg.task, self.examples, sampling,
-                                  cfg.micro_batch_size, self.parallel.dp_rank, dims.dp, seq_length=cfg.seq_length)
+        result, _ = evaluate_task(model, self.tokenizer, cfg.task, self.examples, sampling,
+                                  cfg.micro_batch_size, rank, world, seq_length=cfg.seq_length)
+        del model
+        self.last_metrics = result
         metric = PRIMARY_METRIC[cfg.task]
         self.log(f"validation at iteration {self.iteration} | {cfg.task} "
                  + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return metric, result[metric]
+
+    def _whole_model_fits(self) -> bool:
+        """Whether every rank has room for a gathered copy of the model (twice its bytes: the
+        full tensors, then the model they load into); said once in the log when not."""
+        with torch.device("meta"):
+            need = 2 * sum(p.numel() for p in M6(self.cfg.model).parameters()) * self._params_dtype.itemsize
+        fits = torch.tensor([float(need <= free_memory(self.device))], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # every rank takes the same branch
+        if not fits.item() and not self._said_too_large:
+            self._said_too_large = True
+            self.log(f"the {self.cfg.task} metric needs a whole copy of the model on each rank ({need / 2**30:.1f} "
+                     "GiB with its loading) and some rank has less free memory: the validation loss stands in for it")
+        return bool(fits.item())
+
+    @property
+    def _params_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _whole_model(self) -> M6:
+        """A whole copy of the model on this rank: the TP, EP and FSDP shards of its stages
+        gathered into full tensors, and under PP the other stages' weights from their ranks."""
+        parts = list(self.model) if isinstance(self.model, nn.ModuleList) else [self.model]
+        state = {}
+        for part in parts:
+            state.update(get_model_state_dict(part, options=StateDictOptions(full_state_dict=True)))
+        if self.parallel.dims.pp > 1:
+            stages = [None] * self.parallel.dims.pp
+            dist.all_gather_object(stages, {k: v.cpu() for k, v in state.items()},
+                                   group=self.parallel.mesh["pp"].get_group())
+            state = {k: v for stage in stages for k, v in stage.items()}
+        cfg = dataclasses.replace(self.cfg.model, moe_capacity_factor=None)  # as generation: no token dropped
+        with torch.device("meta"):
+            model = M6(cfg).to(self._params_dtype)
+        materialize(model, cfg, self.device, seed=0, init=False)
+        model.load_state_dict(state)
+        return model.eval()
 
     def evaluate(self) -> float:
         self._last_loss = super().evaluate()
@@ -79,6 +133,14 @@ class FinetuneTrainer(Trainer):
 
     def checkpoint_meta(self) -> dict:
         return {**super().checkpoint_meta(), "best": self.best}
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate: the GPU's free memory, or the host's available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
 def has_checkpoint(folder: str | None) -> bool:

@@ -70,6 +70,7 @@ def finetune_steps(argv: list[str]):
 
 LAYOUTS = {"DP2": ["--data-parallel-sharding", "replicate"], "TP2": ["--tensor-model-parallel-size", "2"],
            "PP2": ["--pipeline-model-parallel-size", "2"]}
+SHARDED_LAYOUTS = {"TP2": LAYOUTS["TP2"], "PP2": LAYOUTS["PP2"], "FSDP2": ["--data-parallel-sharding", "full"]}
 
 
 @pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
@@ -79,6 +80,36 @@ def test_finetuning_under_a_layout_matches_one_process(data, pretrained, layout_
     want = finetune_steps(argv)
     got = run_parallel(2, argv + LAYOUTS[layout_name], fn=finetune_steps)
     assert_close(got, want, f"{layout_name} fine-tuning", FLOAT64_TOLERANCE)
+
+
+def validation_metrics(argv: list[str]) -> dict:
+    trainer, loader = build(parse_args(argv, entry="finetune"), log=QUIET)
+    trainer.train(loader)
+    return trainer.last_metrics
+
+
+@pytest.mark.parametrize("layout_name", sorted(SHARDED_LAYOUTS))
+def test_the_validation_metric_under_a_layout_equals_one_process(data, pretrained, layout_name):
+    """TP2, PP2 and FSDP2 gather a whole copy of the model for the task's metric: text
+    generation's BLEU and ROUGE-L (greedy generation) and perplexity equal one process's."""
+    argv = task_args(data, "text_generation", "--params-dtype", "float64", "--pretrained-checkpoint", pretrained,
+                     "--train-iters", "2", "--eval-interval", "2", "--eval-iters", "1")
+    want = validation_metrics(argv)
+    destroy_process_mesh()
+    got = run_parallel(2, argv + SHARDED_LAYOUTS[layout_name], fn=validation_metrics)
+    assert set(got) == set(want) and "perplexity" in want
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=FLOAT64_TOLERANCE["loss"]), name
+
+
+def test_a_model_too_large_to_gather_falls_back_to_the_validation_loss(data, pretrained, monkeypatch):
+    lines = []
+    trainer, _ = build(parse_args(task_args(data, "vqa", "--pretrained-checkpoint", pretrained), entry="finetune"),
+                       log=lines.append)
+    monkeypatch.setattr("megatron_m6.finetune.free_memory", lambda device: 0)
+    assert not trainer._whole_model_fits() and not trainer._whole_model_fits()
+    assert sum("the validation loss stands in for it" in line for line in lines) == 1  # said once
+    destroy_process_mesh()
 
 
 def test_finetuning_starts_from_the_pretrained_weights_with_a_fresh_optimizer(data, pretrained):
@@ -113,10 +144,7 @@ def release(data, pretrained, tmp_path_factory) -> str:
     return out
 
 
-RELEASE_LAYOUTS = {"TP2": LAYOUTS["TP2"], "PP2": LAYOUTS["PP2"], "FSDP2": ["--data-parallel-sharding", "full"]}
-
-
-@pytest.mark.parametrize("layout_name", ["one process", *RELEASE_LAYOUTS])
+@pytest.mark.parametrize("layout_name", ["one process", *SHARDED_LAYOUTS])
 def test_finetuning_from_a_release_equals_finetuning_from_its_checkpoint(data, pretrained, release, layout_name):
     """Each rank keeps its slice of the release's tensors: under TP2, PP2 and FSDP2 the run
     equals one process started from the training checkpoint (float64)."""
@@ -129,7 +157,7 @@ def test_finetuning_from_a_release_equals_finetuning_from_its_checkpoint(data, p
         destroy_process_mesh()
         assert got[0] == want[0] and all(torch.equal(g[k], w[k]) for g, w in zip(got[1], want[1]) for k in w)
     else:
-        assert_close(run_parallel(2, argv + RELEASE_LAYOUTS[layout_name], fn=finetune_steps), want,
+        assert_close(run_parallel(2, argv + SHARDED_LAYOUTS[layout_name], fn=finetune_steps), want,
                      f"{layout_name} from a release", FLOAT64_TOLERANCE)
 
 
