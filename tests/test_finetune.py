@@ -392,6 +392,21 @@ def test_data_parallel_evaluation_equals_one_process(data, pretrained, model_and
             assert [r["score"] for r in got[task][1]] == pytest.approx([r["score"] for r in want[1]], abs=1e-12)
 
 
+def test_bf16_evaluation_tracks_fp32_within_bf16_rounding(data, pretrained, model_and_tok):
+    """--dtype bf16 (weights in bf16, norms fp32) scores like fp32: its distance from float64 is
+    within the fp32 distance scaled by the ratio of the two machine epsilons (2^16), as rounding
+    error grows with the unit roundoff."""
+    model64, tok = model_and_tok
+    examples, _ = load_examples(f"{data}/downstream/vqa_valid.jsonl", "vqa", 64)
+    scores = {dtype: target_log_likelihoods(model, tok, examples)[0] for dtype, model in
+              ((torch.float64, model64), (torch.float32, load_model(pretrained)),
+               (torch.bfloat16, load_model(pretrained, dtype=torch.bfloat16)))}
+    fp32_err = abs(scores[torch.float32] - scores[torch.float64]).max()
+    bf16_err = abs(scores[torch.bfloat16] - scores[torch.float64]).max()
+    ratio = torch.finfo(torch.bfloat16).eps / torch.finfo(torch.float32).eps
+    assert 0 < bf16_err <= ratio * fp32_err, (bf16_err, fp32_err)
+
+
 def test_the_evaluate_command_writes_metrics_and_predictions(data, pretrained, tmp_path):
     d = f"{data}/downstream"
     cmd = [sys.executable, "-m", "megatron_m6.evaluate", "--task", "itm", "--load", pretrained,
