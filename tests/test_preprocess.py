@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from megatron_m6.data.cleaning import CleaningConfig
+from megatron_m6.data.downstream import load_examples
+from megatron_m6.data.images import prepare_image, to_rgb
 from megatron_m6.data.indexed import IndexedDataset, IndexedDatasetError, dataset_exists
 from megatron_m6.data.preprocess import PreprocessConfig, format_report, preprocess
 from megatron_m6.data.sample_data import make_text_corpus
@@ -143,7 +145,7 @@ def test_image_text_pairs(tmp_path):
     src = tmp_path / "pairs.jsonl"
     src.write_bytes(b"".join(line(r) for r in rows) + b"{bad\n")
     stats, cfg = run(tmp_path, [src], image_key="image", image_size=32, min_image_size=16,
-                     append_eod=True)
+                     append_eod=True, max_bad_fraction=0.5)  # 4 of 15 rows have an unreadable image
     assert dict(stats.skipped) == {"image_not_found": 1, "unreadable_image": 1, "truncated_image": 1,
                                    "too_small": 1, "extreme_aspect": 1, "bad_base64": 1,
                                    "missing_key": 1, "too_short": 1, "bad_json": 1}
@@ -162,13 +164,50 @@ def test_image_text_pairs(tmp_path):
     assert (np.asarray(pictures[3], dtype=int) > 240).all()
 
 
-def test_image_pairs_with_no_readable_image_give_a_report_not_an_error(tmp_path):
+def test_a_16_bit_greyscale_png_keeps_its_greys(tmp_path):
+    """Mode I;16 (values to 65535) is scaled to 8 bits, as an independent 65535 -> 255 mapping
+    says, not clipped to white."""
+    grey16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    data = image_bytes(Image.fromarray(grey16))
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode.startswith("I")  # as Pillow opens it
+        rgb = np.asarray(to_rgb(img))
+    want = np.rint(grey16 / 257.0).astype(np.uint8)
+    assert all((rgb[..., c] == want).all() for c in range(3))
+    jpeg, _ = prepare_image(data, 64, 95, 8, 3.0)
+    got = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=float)
+    assert abs(got.mean() - want.mean()) < 2  # the same picture through JPEG, not white (255)
+
+
+def test_a_utf8_bom_is_accepted_at_the_start_of_a_file_only(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(bom + line({"text": DOC}) + bom + line({"text": OTHER}))
+    stats, cfg = run(tmp_path, [src])
+    assert dict(stats.skipped) == {"bad_json": 1} and stats.examples[0][2] == 2  # the second line's BOM
+    assert TOK.decode(IndexedDataset(cfg.output_names()["text"])[0].tolist()) == TOK.decode(TOK.encode(DOC))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(bom + line({"source": "问题", "target": "答案"}))
+    examples, _ = load_examples(str(rows), "text_generation", 64)
+    assert [(e.source, e.target) for e in examples] == [("问题", "答案")]
+
+
+def test_too_many_unreadable_images_stop_the_run_early_and_write_nothing(tmp_path):
+    """A wrong image root: every image is missing. The run stops once it has read
+    ROWS_BEFORE_BAD_FRACTION_STOP rows, not at the end, with one error that names the first
+    path; below --max-bad-fraction (or at 1) it reports the skips and goes on."""
     src = tmp_path / "pairs.jsonl"
-    src.write_bytes(line({"image": "missing.png", "text": "图片"}) + line({"image": "also-missing.jpg", "text": "猫"}))
-    stats, cfg = run(tmp_path, [src], image_key="image", image_size=32)
-    assert dict(stats.skipped) == {"image_not_found": 2}
-    ds = IndexedDataset(cfg.output_names()["text"])
-    assert ds.num_documents == 0  # loads, empty (with no item, nothing records the modes)
+    src.write_bytes(b"".join(line({"image": f"elsewhere/{i}.png", "text": "图片"}) for i in range(2000)))
+    with pytest.raises(ValueError, match=r"(\d+) of the first (\d+) rows have no usable image \(\d+ image_not_found\), "
+                                         r"more than --max-bad-fraction 0.1; is the image root right\?.*"
+                                         r"'elsewhere/0.png' in .*pairs.jsonl:1") as e:
+        run(tmp_path, [src], image_key="image", image_size=32, chunk_bytes=4096)
+    read = int(str(e.value).split(" of the first ")[1].split()[0])
+    assert 200 <= read < 2000  # stopped early
+    assert not list((tmp_path / "out").glob("*"))  # nothing written, not even temporary files
+    stats, cfg = run(tmp_path, [src], image_key="image", image_size=32, max_bad_fraction=1.0)
+    assert dict(stats.skipped) == {"image_not_found": 2000}
+    assert IndexedDataset(cfg.output_names()["text"]).num_documents == 0  # loads, empty
 
 
 def test_cli_report_and_progress(tmp_path):
@@ -180,7 +219,10 @@ def test_cli_report_and_progress(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "kept" in out.stdout and "bad_json" in out.stdout and "MB/s" in out.stdout
-    assert f"skipped (bad_json) {src}:2" in out.stderr and "B/s" in out.stderr  # the progress bar
+    # stderr is no terminal here, as in a log file: whole lines, no bar's carriage returns
+    assert "\r" not in out.stderr and f"skipped (bad_json) {src}:2: " in out.stderr.splitlines()[0]
+    assert out.stderr.splitlines()[0].startswith("skipped (bad_json)")
+    assert any(row.startswith("preprocess: 0.0 of 0.0 MB (100%)") and "MB/s" in row for row in out.stderr.splitlines())
     assert IndexedDataset(str(tmp_path / "o_text_document")).num_documents == 1
     bad = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "no"),
                           "--output-prefix", str(tmp_path / "x")], cwd=REPO, capture_output=True,

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip smaller images (px)")
     g.add_argument("--max-aspect-ratio", type=float, default=DEFAULTS.max_aspect_ratio,
                    help="skip more elongated images")
+    g.add_argument("--max-bad-fraction", type=float, default=DEFAULTS.max_bad_fraction,
+                   help="stop, writing nothing, once more of the rows read have an image that cannot be "
+                        "read (missing, corrupt, truncated): usually a wrong image root")
     g = p.add_argument_group("fine-tuning data")
     g.add_argument("--task", choices=FINETUNE_TASKS,
                    help="rows of this downstream task (its own fields, as megatron_m6.finetune reads "
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                                 traditional_to_simplified=a.traditional_to_simplified),
         exact_dedup=not a.no_dedup, near_dedup=not a.no_near_dedup, image_key=a.image_key,
         image_size=a.image_size, jpeg_quality=a.jpeg_quality, min_image_size=a.min_image_size,
-        max_aspect_ratio=a.max_aspect_ratio, progress=not a.no_progress, task=a.task)
+        max_aspect_ratio=a.max_aspect_ratio, max_bad_fraction=a.max_bad_fraction,
+        progress=not a.no_progress, task=a.task)
     try:
         stats = preprocess(cfg)
     except (FileNotFoundError, ValueError) as e:

@@ -121,7 +121,7 @@ def load_examples(path: str, task: str, image_size: int, max_bad_fraction: float
         raise DownstreamDataError(f"{path} does not exist")
     base_dir = os.path.dirname(os.path.abspath(path))
     examples, report = [], LoadReport()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM at the start of the file is not part of row 1
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_NOT_FOUND, BAD_BASE64 = "image_not_found", "bad_base64"
@@ -46,7 +47,12 @@ def load_image_bytes(value: str, base_dir: str) -> tuple[bytes | None, str | Non
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with transparent parts (alpha, or a palette's transparent colour) on white."""
+    """RGB, with transparent parts (alpha, or a palette's transparent colour) on white, and
+    16-bit greyscale (modes I;16*, and I as 16-bit PNGs may open) scaled to 8 bits: Pillow's own
+    conversion clips every value above 255, which turns such an image white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))

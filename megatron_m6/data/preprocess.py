@@ -29,13 +29,29 @@ import numpy as np
 from megatron_m6.data.cleaning import Cleaner, CleaningConfig, split_sentences
 from megatron_m6.data.dedup import Deduplicator, digest, minhash
 from megatron_m6.data.downstream import IMAGE_FINETUNE_TASKS, REQUIRED_FIELDS, DownstreamDataError, row_example
-from megatron_m6.data.images import JPEG_QUALITY, MAX_ASPECT_RATIO, MIN_IMAGE_SIZE, load_image_bytes, prepare_image
+from megatron_m6.data.images import (
+    BAD_BASE64,
+    IMAGE_NOT_FOUND,
+    JPEG_QUALITY,
+    MAX_ASPECT_RATIO,
+    MIN_IMAGE_SIZE,
+    TRUNCATED,
+    UNREADABLE,
+    load_image_bytes,
+    prepare_image,
+)
 from megatron_m6.data.indexed import MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets, token_dtype
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 
 INVALID_UTF8, BAD_JSON, MISSING_KEY, EMPTY_FILE, EMPTY_TEXT, ITM_DISTRACTOR = (
     "invalid_utf8", "bad_json", "missing_key", "empty_file", "empty_text", "itm_distractor")
 TEXT_CHUNK_BYTES, IMAGE_CHUNK_BYTES = 1 << 20, 1 << 15
+UTF8_BOM = b"\xef\xbb\xbf"
+PLAIN_PROGRESS_SECONDS = 30.0
+# Rows whose image cannot be read at all (not those a size rule drops): above --max-bad-fraction of
+# the rows, usually a wrong image root, so the run stops once it has read this many rows.
+UNUSABLE_IMAGE = (IMAGE_NOT_FOUND, BAD_BASE64, UNREADABLE, TRUNCATED)
+ROWS_BEFORE_BAD_FRACTION_STOP = 200
 EXAMPLES_PER_REASON = 3
 
 
@@ -60,6 +76,7 @@ class PreprocessConfig:
     jpeg_quality: int = JPEG_QUALITY
     min_image_size: int = MIN_IMAGE_SIZE
     max_aspect_ratio: float = MAX_ASPECT_RATIO
+    max_bad_fraction: float = 0.1  # of the rows, with an image that cannot be read
     chunk_bytes: int | None = None  # default: 1 MiB for text, 32 KiB for image-text pairs
     progress: bool = True
     task: str | None = None  # set: rows of a fine-tuning task (data/downstream.py), one output
@@ -168,6 +185,8 @@ def read_lines(chunk: Chunk) -> list[bytes]:
             data += f.readline()
     if skip_partial:  # that line began in the previous chunk
         data = data[data.find(b"\n") + 1:] if b"\n" in data else b""
+    if chunk.start == 0 and data.startswith(UTF8_BOM):  # what some editors write first; elsewhere bad_json
+        data = data[len(UTF8_BOM):]
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -433,6 +452,19 @@ def _count_kept(stats: Stats, name: str, out: Output, keep: np.ndarray) -> None:
         stats.images += int(keep.sum())
 
 
+def _check_bad_images(stats: Stats, cfg: PreprocessConfig) -> None:
+    """Stop (the outputs are dropped) when more than max_bad_fraction of the rows read so far have
+    an image that cannot be read: hours later the answer would be the same."""
+    bad = {reason: stats.skipped[reason] for reason in UNUSABLE_IMAGE if stats.skipped[reason]}
+    if sum(bad.values()) <= cfg.max_bad_fraction * stats.lines:
+        return
+    first = next(e for e in stats.examples if e[0] in bad)
+    raise ValueError(f"{sum(bad.values())} of the first {stats.lines} rows have no usable image "
+                     f"({', '.join(f'{n} {r}' for r, n in bad.items())}), more than --max-bad-fraction "
+                     f"{cfg.max_bad_fraction}; is the image root right? Paths are relative to the jsonl's folder "
+                     f"(first: {first[3]!r} in {first[1]}:{first[2]}, {first[0]})")
+
+
 def _count_skipped(stats: Stats, res: ChunkResult, first_line: int, logged: Counter, log) -> None:
     """Add a chunk's skips to stats, and log its examples by file and line (1-based: the chunk's
     first line is `first_line`) while a reason has fewer than EXAMPLES_PER_REASON logged."""
@@ -446,37 +478,58 @@ def _count_skipped(stats: Stats, res: ChunkResult, first_line: int, logged: Coun
 
 class _ProgressBar:
     """Bytes read so far, with documents, megabytes and images per second refreshed every
-    `log_interval` documents."""
+    `log_interval` documents: a tqdm bar on a terminal. In a log file (stderr not a terminal),
+    where a bar's carriage returns run into the lines around it, one plain line every
+    PLAIN_PROGRESS_SECONDS instead. `write` prints a line without breaking either."""
 
     def __init__(self, total_bytes: int, desc: str, position: int, log_interval: int, enabled: bool,
                  start: float):
         from tqdm import tqdm
 
+        self.plain = enabled and not sys.stderr.isatty()
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, position=position,
-                        disable=not enabled, file=sys.stderr, mininterval=1.0)
+                        disable=not enabled or self.plain, file=sys.stderr, mininterval=1.0)
+        self.desc, self.total, self.done, self.last_line = desc, total_bytes, 0, start
         self.log_interval, self.start, self.last_docs = log_interval, start, 0
 
+    def _rates(self, stats: Stats) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return (f"{sum(stats.documents.values()) / elapsed:.0f} docs/s, {stats.bytes / elapsed / 1e6:.1f} MB/s, "
+                f"{stats.images / elapsed:.0f} images/s")
+
+    def _plain_line(self, stats: Stats) -> None:
+        self.last_line = time.perf_counter()
+        self.write(f"{self.desc}: {self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB "
+                   f"({100 * self.done / max(self.total, 1):.0f}%), {self._rates(stats)}")
+
     def update(self, num_bytes: int, stats: Stats) -> None:
+        self.done += num_bytes
+        if self.plain:
+            if time.perf_counter() - self.last_line >= PLAIN_PROGRESS_SECONDS:
+                self._plain_line(stats)
+            return
         self.bar.update(num_bytes)
         docs = sum(stats.documents.values())
         if docs - self.last_docs >= self.log_interval:
             self.last_docs = docs
-            elapsed = max(time.perf_counter() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{docs / elapsed:.0f} docs/s, {stats.bytes / elapsed / 1e6:.1f} "
-                                     f"MB/s, {stats.images / elapsed:.0f} images/s", refresh=False)
+            self.bar.set_postfix_str(self._rates(stats), refresh=False)
 
-    def close(self) -> None:
+    def write(self, line: str) -> None:
+        if self.plain or self.bar.disable:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            self.bar.write(line, file=sys.stderr)
+
+    def close(self, stats: Stats) -> None:
+        if self.plain:
+            self._plain_line(stats)
         self.bar.close()
 
 
-def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, position: int,
-                   log=None) -> Stats:
+def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, position: int) -> Stats:
     """Process chunks with a pool of cfg.workers and write the outputs named with suffix:
     chunks come back in input order, are deduplicated against everything kept before, written,
     and counted."""
-    from tqdm import tqdm
-
-    log = log or (lambda s: tqdm.write(s, file=sys.stderr))
     stats = Stats()
     names = cfg.output_names()
     text_dedup = not (cfg.image_key or cfg.task)
@@ -495,7 +548,7 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
                    for k, name in names.items()}
         pool = stack.enter_context(Pool(cfg.workers, _init_worker, (cfg,)))
         for res in pool.imap(work, chunks):
-            _count_skipped(stats, res, lines_before[res.path] + 1, logged, log)
+            _count_skipped(stats, res, lines_before[res.path] + 1, logged, bar.write)
             lines_before[res.path] += res.num_lines
             stats.lines += res.num_lines
             stats.bytes += res.num_bytes
@@ -504,9 +557,13 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
                 _write(writers[key], out, keep)
                 _count_kept(stats, names[key], out, keep)
             bar.update(res.num_bytes, stats)
+            if cfg.with_images and stats.lines >= ROWS_BEFORE_BAD_FRACTION_STOP:
+                _check_bad_images(stats, cfg)
+        if cfg.with_images:
+            _check_bad_images(stats, cfg)
         pool.close()
         pool.join()
-    bar.close()
+    bar.close(stats)
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -524,6 +581,8 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
         raise ValueError("need 1 <= --jpeg-quality <= 100 and --image-size >= 8")
     if cfg.image_key and len(cfg.json_keys) != 1:
         raise ValueError("with --image-key, --json-keys names one field: the caption")
+    if not 0 <= cfg.max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}")
     if cfg.task and cfg.task not in REQUIRED_FIELDS:
         raise ValueError(f"unknown --task {cfg.task!r}; tasks are {', '.join(REQUIRED_FIELDS)}")
     M6Tokenizer.from_vocab_file(cfg.vocab_file)  # fail now, not in every worker
