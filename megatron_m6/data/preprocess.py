@@ -17,8 +17,10 @@ import glob
 import json
 import os
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -27,6 +29,14 @@ from multiprocessing import Pool
 import numpy as np
 
 from megatron_m6.data.cleaning import Cleaner, CleaningConfig, split_sentences
+from megatron_m6.data.corpus_formats import (
+    INPUT_SUFFIXES,
+    JSON_MEMBER,
+    UTF8_BOM,
+    CorruptFile,
+    is_streamed,
+    stream_chunks,
+)
 from megatron_m6.data.dedup import Deduplicator, digest, minhash
 from megatron_m6.data.downstream import IMAGE_FINETUNE_TASKS, REQUIRED_FIELDS, DownstreamDataError, row_example
 from megatron_m6.data.images import (
@@ -43,10 +53,10 @@ from megatron_m6.data.images import (
 from megatron_m6.data.indexed import MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets, token_dtype
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 
-INVALID_UTF8, BAD_JSON, MISSING_KEY, EMPTY_FILE, EMPTY_TEXT, ITM_DISTRACTOR = (
-    "invalid_utf8", "bad_json", "missing_key", "empty_file", "empty_text", "itm_distractor")
+INVALID_UTF8, BAD_JSON, MISSING_KEY, EMPTY_FILE, EMPTY_TEXT, ITM_DISTRACTOR, CORRUPT_FILE = (
+    "invalid_utf8", "bad_json", "missing_key", "empty_file", "empty_text", "itm_distractor", "corrupt_file")
 TEXT_CHUNK_BYTES, IMAGE_CHUNK_BYTES = 1 << 20, 1 << 15
-UTF8_BOM = b"\xef\xbb\xbf"
+STREAMED_CHUNK_BYTES = 1 << 22  # rows of a streamed file per chunk, embedded images included
 PLAIN_PROGRESS_SECONDS = 30.0
 # Rows whose image cannot be read at all (not those a size rule drops): above --max-bad-fraction of
 # the rows, usually a wrong image root, so the run stops once it has read this many rows.
@@ -121,9 +131,16 @@ class Stats:
 
 @dataclass
 class Chunk:
+    """A byte range of a jsonl file, which the worker reads; or, for the streamed formats
+    (data/corpus_formats.py), the rows the parent read (`rows`), or a whole streamed file before
+    it is read (`streamed`), or the note that it could not be read on (`corrupt`)."""
+
     path: str
     start: int
     end: int
+    streamed: bool = False
+    rows: list | None = None
+    corrupt: str = ""
 
 
 @dataclass
@@ -150,12 +167,13 @@ class ChunkResult:
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files named by --input: files, globs, or folders (their *.jsonl and *.json, recursively)."""
+    """Files named by --input: files, globs, or folders (their files of the formats in
+    data/corpus_formats.py, recursively)."""
     files: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(os.path.join(root, f) for root, _, names in os.walk(item)
-                           for f in names if f.endswith((".jsonl", ".json")))
+                           for f in names if f.endswith(INPUT_SUFFIXES))
         elif os.path.isfile(item):
             found = [item]
         else:
@@ -167,14 +185,88 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def make_chunks(files: list[str], chunk_bytes: int) -> list[Chunk]:
-    """Byte ranges of about chunk_bytes; a line belongs to the range its first byte is in."""
-    return [Chunk(path, start, min(start + chunk_bytes, size))
+    """Byte ranges of about chunk_bytes (a line belongs to the range its first byte is in), and
+    one chunk per streamed file, cut into rows as it is read (`read_chunks`)."""
+    return [Chunk(path, start, min(start + chunk_bytes, size)) if not is_streamed(path)
+            else Chunk(path, 0, size, streamed=True)
             for path in files for size in [os.path.getsize(path)]
-            for start in range(0, size, chunk_bytes)]
+            for start in (range(0, size, chunk_bytes) if not is_streamed(path) else [0])]
 
 
-def read_lines(chunk: Chunk) -> list[bytes]:
-    """The lines that start inside the chunk (the last one may end after it)."""
+class ReadAhead:
+    """Bounds the chunks read ahead of the writer: the reader takes a slot per chunk, the writer
+    gives one back per result; `close` lets a reader blocked on a full window go (a run that
+    stops early), which must happen before the pool joins the thread that reads."""
+
+    def __init__(self, limit: int):
+        self._slots, self._closed = threading.Semaphore(limit), threading.Event()
+
+    def take(self) -> bool:
+        while not self._slots.acquire(timeout=0.1):
+            if self._closed.is_set():
+                return False
+        return True
+
+    def give(self) -> None:
+        self._slots.release()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def read_chunks(chunks: list[Chunk], cfg: PreprocessConfig, window: ReadAhead) -> Iterator[Chunk]:
+    """The work of `chunks` in order, streamed files read here into chunks of rows, at most the
+    window's size ahead of the writer."""
+    limit = cfg.chunk_bytes or STREAMED_CHUNK_BYTES
+    for chunk in chunks:
+        parts = [chunk] if not chunk.streamed else _stream(chunk.path, limit, cfg)
+        for part in parts:
+            if not window.take():
+                return
+            yield part
+
+
+def _stream(path: str, limit: int, cfg: PreprocessConfig) -> Iterator[Chunk]:
+    start = 0
+    try:
+        for rows, position in stream_chunks(path, limit, cfg.json_keys[0], cfg.image_key or "image", _columns(cfg)):
+            yield Chunk(path, start, position, rows=rows)
+            start = position
+    except CorruptFile as e:
+        yield Chunk(path, start, os.path.getsize(path), rows=[], corrupt=str(e))
+
+
+def _columns(cfg: PreprocessConfig) -> list[str]:
+    """The fields a row needs, for the parquet reader."""
+    if cfg.task:
+        return list(REQUIRED_FIELDS[cfg.task]) + (["caption", "text"] if cfg.task == "caption" else [])
+    return cfg.json_keys + ([cfg.image_key] if cfg.image_key else [])
+
+
+def check_streamed_inputs(files: list[str], cfg: PreprocessConfig) -> None:
+    """Fail before any work: a reader library that is missing, a parquet file without the columns."""
+    if any(f.endswith(".zst") for f in files):
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise ValueError("reading .zst files needs the zstandard package (pip install zstandard)") from None
+    parquet = [f for f in files if f.endswith(".parquet")]
+    if parquet:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("reading parquet files needs pyarrow (pip install pyarrow)") from None
+        for path in parquet:
+            have = set(pq.ParquetFile(path).schema_arrow.names)
+            if not have & set(_columns(cfg)):
+                raise ValueError(f"{path} has none of the columns {', '.join(_columns(cfg))} "
+                                 f"(it has {', '.join(sorted(have))}); name them with --json-keys/--image-key")
+
+
+def read_lines(chunk: Chunk) -> list:
+    """The lines that start inside the chunk (the last one may end after it), or its rows."""
+    if chunk.rows is not None:
+        return chunk.rows
     with open(chunk.path, "rb") as f:
         skip_partial = False
         if chunk.start:
@@ -231,8 +323,19 @@ class SkipRecorder:
             self.examples.append((reason, line, detail))
 
 
-def _parse(raw: bytes) -> tuple[dict | None, str | None, str]:
-    """(object, None, "") or (None, reason, detail) for one line."""
+def _blank(raw) -> bool:
+    return isinstance(raw, bytes) and not raw.strip()
+
+
+def _parse(raw: bytes | dict) -> tuple[dict | None, str | None, str]:
+    """(object, None, "") or (None, reason, detail) for one line, or one row of a parquet file or
+    a tar (whose KEY.json is parsed here and its fields win)."""
+    if isinstance(raw, dict):
+        if JSON_MEMBER not in raw:
+            return raw, None, ""
+        row = {k: v for k, v in raw.items() if k != JSON_MEMBER}
+        fields, reason, detail = _parse(raw[JSON_MEMBER])
+        return (None, reason, detail) if fields is None else ({**row, **fields}, None, "")
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -275,7 +378,7 @@ def process_text_chunk(chunk: Chunk) -> ChunkResult:
     skip = SkipRecorder()
     docs: dict[str, list] = {k: [] for k in cfg.json_keys}  # (line, text)
     for n, raw in enumerate(lines):
-        if not raw.strip():
+        if _blank(raw):
             continue
         obj, reason, detail = _parse(raw)
         if obj is None:
@@ -309,23 +412,37 @@ def process_text_chunk(chunk: Chunk) -> ChunkResult:
                        skip.examples)
 
 
+def _image_value(value) -> bool:
+    """Whether a row's image field holds an image: a path, data: URI or base64 (str), the bytes
+    (a tar, a parquet binary column) or a Hugging Face Image struct {bytes, path}."""
+    return isinstance(value, (str, bytes)) or (isinstance(value, dict) and ("bytes" in value or "path" in value))
+
+
+def _jpeg(value, base_dir: str) -> tuple[bytes | None, str | None, str]:
+    """(the normalised JPEG, None, "") of a row's image field, or (None, reason, detail)."""
+    cfg = _worker.cfg
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path") or ""
+    where = value[:60] if isinstance(value, str) else f"{len(value)} bytes"
+    data, reason = (value, None) if isinstance(value, bytes) else load_image_bytes(value, base_dir)
+    if data is not None:
+        data, reason = prepare_image(data, cfg.image_size, cfg.jpeg_quality, cfg.min_image_size, cfg.max_aspect_ratio)
+    return (data, None, "") if data is not None else (None, reason, where)
+
+
 def _image_pair(obj: dict, base_dir: str) -> tuple[tuple[str, bytes] | None, str | None, str]:
     """((cleaned caption, JPEG), None, "") for one parsed line, or (None, reason, detail)."""
     cfg = _worker.cfg
     key = cfg.json_keys[0]
     caption, image = obj.get(key), obj.get(cfg.image_key)
-    if not isinstance(caption, str) or not isinstance(image, str):
-        return None, MISSING_KEY, f"needs string {key!r} and {cfg.image_key!r}"
+    if not isinstance(caption, str) or not _image_value(image):
+        return None, MISSING_KEY, f"needs string {key!r} and an image {cfg.image_key!r}"
     cleaned, reason = _worker.caption_cleaner.clean(caption)
     if cleaned is None:
         return None, reason, repr(caption[:40])
-    data, reason = load_image_bytes(image, base_dir)
-    if data is None:
-        return None, reason, image[:60]
-    jpeg, reason = prepare_image(data, cfg.image_size, cfg.jpeg_quality, cfg.min_image_size,
-                                 cfg.max_aspect_ratio)
+    jpeg, reason, detail = _jpeg(image, base_dir)
     if jpeg is None:
-        return None, reason, image[:60]
+        return None, reason, detail
     return (cleaned, jpeg), None, ""
 
 
@@ -336,7 +453,7 @@ def process_image_chunk(chunk: Chunk) -> ChunkResult:
     skip = SkipRecorder()
     captions, images, line_of = [], [], []
     for n, raw in enumerate(lines):
-        if not raw.strip():
+        if _blank(raw):
             continue
         obj, reason, detail = _parse(raw)
         pair = None
@@ -373,12 +490,11 @@ def _downstream_row(obj: dict, where: str, base_dir: str) -> tuple[tuple | None,
         return None, EMPTY_TEXT, "empty target"
     if cfg.task not in IMAGE_FINETUNE_TASKS:
         return (example.source, example.target, None), None, ""
-    data, reason = load_image_bytes(str(obj["image"]), base_dir)
-    if data is not None:
-        data, reason = prepare_image(data, cfg.image_size, cfg.jpeg_quality, cfg.min_image_size,
-                                     cfg.max_aspect_ratio)
+    if not _image_value(obj["image"]):
+        return None, MISSING_KEY, "no image in 'image'"
+    data, reason, detail = _jpeg(obj["image"], base_dir)
     if data is None:
-        return None, reason, str(obj["image"])[:60]
+        return None, reason, detail
     return (example.source, example.target, data), None, ""
 
 
@@ -390,7 +506,7 @@ def process_downstream_chunk(chunk: Chunk) -> ChunkResult:
     skip = SkipRecorder()
     rows, line_of = [], []
     for n, raw in enumerate(lines):
-        if not raw.strip():
+        if _blank(raw):
             continue
         obj, reason, detail = _parse(raw)
         row = None
@@ -408,6 +524,17 @@ def process_downstream_chunk(chunk: Chunk) -> ChunkResult:
                  images=[r[2] for r in rows if r[2] is not None])
     return ChunkResult(chunk.path, len(lines), chunk.end - chunk.start, {cfg.task: out}, skip.counts,
                        skip.examples)
+
+
+def process_chunk(chunk: Chunk) -> ChunkResult:
+    """A worker's job: one chunk, by the kind of output (a streamed file that could not be read
+    on is one counted skip)."""
+    if chunk.corrupt:
+        return ChunkResult(chunk.path, 0, chunk.end - chunk.start, {}, Counter({CORRUPT_FILE: 1}),
+                           [(CORRUPT_FILE, 0, chunk.corrupt)])
+    cfg = _worker.cfg
+    work = process_downstream_chunk if cfg.task else process_image_chunk if cfg.image_key else process_text_chunk
+    return work(chunk)
 
 
 # -- the writer process -------------------------------------------------------------------------
@@ -539,15 +666,16 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
     start = time.perf_counter()
     bar = _ProgressBar(sum(c.end - c.start for c in chunks), f"part {position}" if suffix else "preprocess",
                        position, cfg.log_interval, cfg.progress, start)
-    work = (process_downstream_chunk if cfg.task else process_image_chunk if cfg.image_key
-            else process_text_chunk)
     dtype = (MULTIMODAL_DTYPE if cfg.with_images
              else token_dtype(M6Tokenizer.from_vocab_file(cfg.vocab_file).vocab_size))
     with ExitStack() as stack:
         writers = {k: stack.enter_context(IndexedDatasetWriter(name + suffix, dtype, cfg.with_images))
                    for k, name in names.items()}
         pool = stack.enter_context(Pool(cfg.workers, _init_worker, (cfg,)))
-        for res in pool.imap(work, chunks):
+        window = ReadAhead(4 * cfg.workers)
+        stack.callback(window.close)  # runs before the pool's exit
+        for res in pool.imap(process_chunk, read_chunks(chunks, cfg, window)):
+            window.give()
             _count_skipped(stats, res, lines_before[res.path] + 1, logged, bar.write)
             lines_before[res.path] += res.num_lines
             stats.lines += res.num_lines
@@ -587,6 +715,7 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
         raise ValueError(f"unknown --task {cfg.task!r}; tasks are {', '.join(REQUIRED_FIELDS)}")
     M6Tokenizer.from_vocab_file(cfg.vocab_file)  # fail now, not in every worker
     files = expand_inputs(cfg.inputs)
+    check_streamed_inputs(files, cfg)
     empty = [f for f in files if os.path.getsize(f) == 0]
     chunk_bytes = cfg.chunk_bytes or (IMAGE_CHUNK_BYTES if cfg.with_images else TEXT_CHUNK_BYTES)
     chunks = make_chunks(files, chunk_bytes)
