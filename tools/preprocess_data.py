@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of this downstream task (its own fields, as megatron_m6.finetune reads "
                         "them) -> documents of [source, target] (and the image): PREFIX_TASK; "
                         "no cleaning or deduplication, itm keeps its matched pairs")
+    g = p.add_argument_group("sharded runs (a SLURM array: examples/preprocess_slurm.sh)")
+    g.add_argument("--num-shards", type=int, default=DEFAULTS.num_shards,
+                   help="build one of N deterministic parts of the input (by file and byte range) into "
+                        "NAME.shard-0000I-of-0000N, with a manifest; a shard already built is skipped")
+    g.add_argument("--shard-index", type=int, default=DEFAULTS.shard_index, help="which part, from 0")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=DEFAULTS.workers,
                    help="processes that clean and tokenise")
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         exact_dedup=not a.no_dedup, near_dedup=not a.no_near_dedup, image_key=a.image_key,
         image_size=a.image_size, jpeg_quality=a.jpeg_quality, min_image_size=a.min_image_size,
         max_aspect_ratio=a.max_aspect_ratio, max_bad_fraction=a.max_bad_fraction,
-        progress=not a.no_progress, task=a.task)
+        progress=not a.no_progress, task=a.task,
+        num_shards=a.num_shards, shard_index=a.shard_index)
     try:
         stats = preprocess(cfg)
     except (FileNotFoundError, ValueError) as e:
@@ -120,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         sys.exit(130)
+    if stats.already_built:
+        print(f"shard {cfg.shard_index} of {cfg.num_shards} is already built ({cfg.manifest_path} matches its "
+              "settings, inputs and outputs): nothing to do", file=sys.stderr)
     print(format_report(stats))
 
 

@@ -51,6 +51,14 @@ from megatron_m6.data.images import (
     prepare_image,
 )
 from megatron_m6.data.indexed import MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets, token_dtype
+from megatron_m6.data.shards import (
+    completed,
+    remove_manifest,
+    settings_digest,
+    shard_of,
+    shard_suffix,
+    write_manifest,
+)
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 
 INVALID_UTF8, BAD_JSON, MISSING_KEY, EMPTY_FILE, EMPTY_TEXT, ITM_DISTRACTOR, CORRUPT_FILE = (
@@ -90,19 +98,26 @@ class PreprocessConfig:
     chunk_bytes: int | None = None  # default: 1 MiB for text, 32 KiB for image-text pairs
     progress: bool = True
     task: str | None = None  # set: rows of a fine-tuning task (data/downstream.py), one output
+    num_shards: int = 1  # > 1: build shard `shard_index` of the input only (data/shards.py)
+    shard_index: int = 0
 
     @property
     def with_images(self) -> bool:
         return bool(self.image_key) or self.task in IMAGE_FINETUNE_TASKS
 
     def output_names(self) -> dict[str, str]:
-        """JSON key (or the task) -> output prefix."""
+        """JSON key (or the task) -> output prefix (a shard's, when sharded)."""
+        suffix = shard_suffix(self.shard_index, self.num_shards)
         if self.task:
-            return {self.task: f"{self.output_prefix}_{self.task}"}
+            return {self.task: f"{self.output_prefix}_{self.task}{suffix}"}
         if self.image_key:
-            return {self.json_keys[0]: f"{self.output_prefix}_{self.json_keys[0]}_image"}
+            return {self.json_keys[0]: f"{self.output_prefix}_{self.json_keys[0]}_image{suffix}"}
         level = "sentence" if self.split_sentences else "document"
-        return {k: f"{self.output_prefix}_{k}_{level}" for k in self.json_keys}
+        return {k: f"{self.output_prefix}_{k}_{level}{suffix}" for k in self.json_keys}
+
+    @property
+    def manifest_path(self) -> str:
+        return f"{self.output_prefix}{shard_suffix(self.shard_index, self.num_shards)}.manifest.json"
 
 
 @dataclass
@@ -119,12 +134,23 @@ class Stats:
     tokens: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     examples: list = field(default_factory=list)  # (reason, file, line, detail)
+    already_built: bool = False  # a shard its manifest showed complete: nothing was done
+
+    COUNTS = ("files", "bytes", "lines", "images", "seconds")
+    COUNTERS = ("documents", "items", "tokens", "skipped")
+
+    def to_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in self.COUNTS}, **{k: dict(getattr(self, k)) for k in self.COUNTERS}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stats:
+        return cls(**{k: d[k] for k in cls.COUNTS}, **{k: Counter(d[k]) for k in cls.COUNTERS})
 
     def add(self, other: Stats) -> None:
         for name in ("files", "bytes", "lines", "images"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds = max(self.seconds, other.seconds)
-        for name in ("documents", "items", "tokens", "skipped"):
+        for name in self.COUNTERS:
             getattr(self, name).update(getattr(other, name))
         self.examples += other.examples
 
@@ -713,12 +739,23 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}")
     if cfg.task and cfg.task not in REQUIRED_FIELDS:
         raise ValueError(f"unknown --task {cfg.task!r}; tasks are {', '.join(REQUIRED_FIELDS)}")
-    M6Tokenizer.from_vocab_file(cfg.vocab_file)  # fail now, not in every worker
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise ValueError(f"--shard-index must be in [0, --num-shards {cfg.num_shards}), got {cfg.shard_index}")
+    vocab = M6Tokenizer.from_vocab_file(cfg.vocab_file)  # fail now, not in every worker
     files = expand_inputs(cfg.inputs)
     check_streamed_inputs(files, cfg)
-    empty = [f for f in files if os.path.getsize(f) == 0]
+    empty = [f for f in files if os.path.getsize(f) == 0] if cfg.shard_index == 0 else []
     chunk_bytes = cfg.chunk_bytes or (IMAGE_CHUNK_BYTES if cfg.with_images else TEXT_CHUNK_BYTES)
-    chunks = make_chunks(files, chunk_bytes)
+    chunks = shard_of(make_chunks(files, chunk_bytes), cfg.shard_index, cfg.num_shards)
+    names = list(cfg.output_names().values())
+    sharded, digest = cfg.num_shards > 1, settings_digest(cfg, vocab.digest)
+    built = completed(cfg.manifest_path, digest, chunks, names) if sharded else None
+    if built is not None:
+        stats = Stats.from_dict(built)
+        stats.already_built = True
+        return stats
+    if sharded:
+        remove_manifest(cfg.manifest_path)
     start = time.perf_counter()
     if cfg.partitions == 1:
         stats = _run_partition(cfg, chunks, "", 0)
@@ -740,13 +777,15 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
                     for ext in (".bin", ".idx"):
                         if os.path.exists(f"{name}_part{k}{ext}"):
                             os.remove(f"{name}_part{k}{ext}")
-    stats.files = len(files)
+    stats.files = len({c.path for c in chunks}) + len(empty)
     if empty:
         stats.skipped[EMPTY_FILE] += len(empty)
         for f in empty[:EXAMPLES_PER_REASON]:
             stats.examples.append((EMPTY_FILE, f, 0, "no bytes"))
             print(f"skipped ({EMPTY_FILE}) {f}", file=sys.stderr)
     stats.seconds = time.perf_counter() - start
+    if sharded:
+        write_manifest(cfg.manifest_path, digest, cfg.shard_index, cfg.num_shards, chunks, names, stats.to_dict())
     return stats
 
 

@@ -9,7 +9,12 @@ Measures, on data generated here (nothing downloaded):
 - image-text pairs at 224 px (decode 640x480 JPEGs, resize, crop, re-encode) per worker, beside a
   plain Pillow baseline (full-size decode, one-step resize);
 - samples/s of the training DataLoader over the resulting indexed datasets (five tasks mixed,
-  seq 512, 224 px images decoded in the workers) with 1 and 2 workers.
+  seq 512, 224 px images decoded in the workers) with 1 and 2 workers;
+- the readers of the other corpus formats against plain jsonl, 2 workers each, on the same rows:
+  text as jsonl.gz, jsonl.zst and parquet (MB/s of the uncompressed jsonl), and image-text pairs as
+  parquet with the image bytes and as a webdataset tar (images/s).
+
+    python tools/bench/data_pipeline.py --only formats   # one part
 """
 
 from __future__ import annotations
@@ -182,16 +187,83 @@ def bench_loader(tmp: str, batches: int) -> dict:
     return out
 
 
+def _rate(cfg: PreprocessConfig, amount: float) -> float:
+    start = time.perf_counter()
+    preprocess(cfg)
+    return amount / (time.perf_counter() - start)
+
+
+def bench_formats(tmp: str, megabytes: float, n: int) -> dict:
+    """Each format's rate over the plain jsonl's, measured here on the same rows."""
+    import gzip
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    text = os.path.join(tmp, "fmt.jsonl")
+    make_text(text, megabytes, seed=1)
+    raw = open(text, "rb").read()
+    size = len(raw) / 1e6
+    with gzip.open(text + ".gz", "wb") as f:
+        f.write(raw)
+    with open(text + ".zst", "wb") as f:
+        f.write(zstandard.ZstdCompressor().compress(raw))
+    pq.write_table(pa.table({"text": [json.loads(line)["text"] for line in raw.splitlines()]}),
+                   os.path.join(tmp, "fmt.parquet"))
+    out = {"text_mb": round(size, 1)}
+    for name, path in (("jsonl", text), ("jsonl_gz", text + ".gz"), ("jsonl_zst", text + ".zst"),
+                       ("parquet", os.path.join(tmp, "fmt.parquet"))):
+        cfg = PreprocessConfig(inputs=[path], output_prefix=os.path.join(tmp, f"fmt_{name}"), workers=2, progress=False)
+        out[f"text_mb_per_s_{name}"] = round(_rate(cfg, size), 2)
+    folder = os.path.join(tmp, "fmt_images")
+    pairs = make_images(folder, 32, n, seed=1)
+    rows = [json.loads(line) for line in open(pairs, encoding="utf-8")]
+    images = {r["image"]: open(os.path.join(folder, r["image"]), "rb").read() for r in rows}
+    pq.write_table(pa.table({"text": [r["text"] for r in rows], "image": [images[r["image"]] for r in rows]}),
+                   os.path.join(tmp, "fmt_pairs.parquet"))
+    with tarfile.open(os.path.join(tmp, "fmt_pairs.tar"), "w") as tar:
+        for i, r in enumerate(rows):
+            for name, payload in ((f"{i:06d}.jpg", images[r["image"]]), (f"{i:06d}.txt", r["text"].encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    out["images"] = n
+    for name, path in (("jsonl", pairs), ("parquet", os.path.join(tmp, "fmt_pairs.parquet")),
+                       ("tar", os.path.join(tmp, "fmt_pairs.tar"))):
+        cfg = PreprocessConfig(inputs=[path], output_prefix=os.path.join(tmp, f"fmt_pairs_{name}"), image_key="image",
+                               image_size=224, workers=2, progress=False)
+        out[f"images_per_s_{name}"] = round(_rate(cfg, n))
+    for kind, unit in (("text_mb_per_s", "jsonl"), ("images_per_s", "jsonl")):
+        base = out[f"{kind}_{unit}"]
+        for key in [k for k in out if k.startswith(kind) and not k.endswith(unit)]:
+            out[key.replace(kind, "ratio")] = round(out[key] / base, 2)
+    return out
+
+
+PARTS = ("text", "images", "loader", "formats")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--text-mb", type=float, default=20.0, help="size of the generated text corpus")
     p.add_argument("--images", type=int, default=600, help="image-text pairs to preprocess")
     p.add_argument("--batches", type=int, default=30, help="loader batches timed per setting")
     p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="the parts to run (the loader reads what text and images build)")
     args = p.parse_args(argv)
+    if "loader" in args.only and not {"text", "images"} <= set(args.only):
+        p.error("--only loader needs text and images too: it reads their datasets")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"cpu_cores": os.cpu_count(), "text": bench_text(tmp, args.text_mb),
-                   "images": bench_images(tmp, args.images), "loader": bench_loader(tmp, args.batches)}
+        results = {"cpu_cores": os.cpu_count()}
+        run = {"text": lambda: bench_text(tmp, args.text_mb), "images": lambda: bench_images(tmp, args.images),
+               "loader": lambda: bench_loader(tmp, args.batches),
+               "formats": lambda: bench_formats(tmp, args.text_mb / 2, args.images)}
+        for part in PARTS:
+            if part in args.only:
+                results[part] = run[part]()
     for part, numbers in results.items():
         print(part, numbers if not isinstance(numbers, dict) else
               "  ".join(f"{k}={v}" for k, v in numbers.items()))
