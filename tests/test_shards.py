@@ -5,6 +5,9 @@ matches is skipped while a changed input or a lost output rebuilds it."""
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +16,13 @@ from megatron_m6.data.indexed import IndexedDataset, bin_path, idx_path, merge_d
 from megatron_m6.data.preprocess import PreprocessConfig, preprocess
 from megatron_m6.data.sample_data import make_text_corpus
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def config(tmp_path, inputs, **kw) -> PreprocessConfig:
+    kw = {"exact_dedup": False, "near_dedup": False, **kw}
     return PreprocessConfig(inputs=[str(p) for p in inputs], output_prefix=str(tmp_path / "out" / "zh"),
-                            progress=False, chunk_bytes=1024, exact_dedup=False, near_dedup=False, **kw)
+                            progress=False, chunk_bytes=1024, **kw)
 
 
 def dataset_bytes(prefix: str) -> bytes:
@@ -80,3 +86,23 @@ def test_a_built_shard_is_skipped_and_a_changed_one_rebuilt(tmp_path, corpus):
 def test_an_impossible_shard_is_one_error(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"--shard-index must be in \[0, --num-shards 3\), got 3"):
         preprocess(config(tmp_path, corpus, num_shards=3, shard_index=3))
+
+
+def test_the_sharding_script_builds_shards_then_merges_them(tmp_path, corpus):
+    """examples/preprocess_slurm.sh without SLURM (LOCAL=1): 3 shards, 2 at a time, then the
+    merge; the result equals one process, and a second run skips the built shards."""
+    whole = config(tmp_path / "one", corpus)  # no dedup: it is per shard, and this corpus has near duplicates
+    preprocess(whole)
+    (want,) = whole.output_names().values()
+    env = {**os.environ, "LOCAL": "1", "JOBS": "2", "NUM_SHARDS": "3", "WORKERS": "1", "PYTHON": sys.executable,
+           "INPUT": " ".join(map(str, corpus)), "OUTPUT_PREFIX": str(tmp_path / "sharded" / "zh")}
+    cmd = ["bash", "examples/preprocess_slurm.sh", "--no-dedup", "--no-near-dedup"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert dataset_bytes(str(tmp_path / "sharded" / "zh_text_document")) == dataset_bytes(want)
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("is already built") == 3, again.stderr
+    os.remove(str(tmp_path / "sharded" / "zh.shard-00001-of-00003.manifest.json"))
+    merge = subprocess.run([sys.executable, "tools/merge_datasets.py", "--shards", str(tmp_path / "sharded" / "zh"),
+                            "--num-shards", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert merge.returncode == 1 and "1 of 3 shards are not built (no manifest): 1" in merge.stderr

@@ -2,8 +2,10 @@
 it with tools/slurm/local_cluster.sh): examples/pretrain_m6_base.sh trains m6-tiny on 2 CPU
 ranks and saves; a job whose batch shell gets USR1 (what `#SBATCH --signal=B:USR1@...` sends
 before the time limit) saves, requeues itself, and the requeued run resumes from that checkpoint
-and finishes. Not part of `make test`."""
+and finishes; examples/preprocess_slurm.sh builds a corpus as a job array of shards and merges
+it. Not part of `make test`."""
 
+import json
 import os
 import re
 import shutil
@@ -12,8 +14,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
+from megatron_m6.data.indexed import bin_path, idx_path
+from megatron_m6.data.preprocess import PreprocessConfig, preprocess
+from megatron_m6.data.sample_data import make_text_corpus
 from megatron_m6.training.checkpoint import latest_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,3 +162,37 @@ def test_the_script_defaults_and_empty_variables_turning_features_off(tmp_path):
     for flag in ("--save", "--exit-signal-handler", "--async-save", "--keep-last", "--load",
                  "--tensorboard-dir", "--recompute-granularity", "--bf16"):
         assert flag not in args, flag
+
+
+def test_the_corpus_is_built_as_a_job_array_of_shards_then_merged(tmp_path):
+    """examples/preprocess_slurm.sh: an array of 3 shard tasks and a merge job after them; the
+    merged dataset equals one process's on the same input (dedup off: it is per shard)."""
+    docs = make_text_corpus(300, np.random.default_rng(2))
+    inputs = []
+    for k in range(3):
+        path = tmp_path / f"part{k}.jsonl"
+        rows = [json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs[k * 100:(k + 1) * 100]]
+        path.write_text("".join(rows), encoding="utf-8")
+        inputs.append(str(path))
+    flags = ["--no-dedup", "--no-near-dedup"]
+    whole = PreprocessConfig(inputs=inputs, output_prefix=str(tmp_path / "one" / "zh"), progress=False,
+                             exact_dedup=False, near_dedup=False)
+    preprocess(whole)
+    env = {**os.environ, "INPUT": " ".join(inputs), "OUTPUT_PREFIX": str(tmp_path / "out" / "zh"), "NUM_SHARDS": "3",
+           "WORKERS": "1", "PYTHON": sys.executable, "SBATCH_ARGS": "--gpus-per-node=0", "LOGS": str(tmp_path / "logs")}
+    submitted = subprocess.run(["bash", "examples/preprocess_slurm.sh", *flags], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    array, merge = re.search(r"job array (\d+) .* merge = job (\d+)", submitted.stdout).groups()
+    try:
+        info = wait_for(lambda: (i := job_info(merge)).get("JobState") in ENDED and i, f"merge job {merge}")
+    finally:
+        subprocess.run(["scancel", array, merge], capture_output=True)
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert info["JobState"] == "COMPLETED", logs + daemon_logs()
+    names = sorted(p.name for p in (tmp_path / "logs").glob("*.log"))
+    assert names == ["merge.log", "shard_0.log", "shard_1.log", "shard_2.log"]
+    (want,) = whole.output_names().values()
+    got = str(tmp_path / "out" / "zh_text_document")
+    for path in (bin_path, idx_path):
+        assert open(path(got), "rb").read() == open(path(want), "rb").read(), logs

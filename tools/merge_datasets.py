@@ -2,6 +2,11 @@
 
     python tools/merge_datasets.py --input shards/ --output-prefix data/zh_text_document
     python tools/merge_datasets.py --input data/a_text_document data/b_text_document --output-prefix data/ab
+    python tools/merge_datasets.py --shards data/zh --num-shards 64   # preprocess_data.py --num-shards
+
+--shards PREFIX merges the outputs of a sharded preprocess_data.py run (PREFIX its --output-prefix):
+every shard's manifest must be there, then each output NAME is merged from its shards in shard
+order into NAME, and the shards' counts are added up into one report.
 
 --input takes folders (every PREFIX.idx/.bin pair inside, in name order) or prefixes, in order.
 All shards must hold the same dtype and kind (text or multimodal). The output appears only
@@ -11,6 +16,7 @@ complete.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -18,6 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # uninstalled repo
 
 from megatron_m6.data.indexed import IndexedDatasetError, dataset_exists, merge_datasets  # noqa: E402
+from megatron_m6.data.shards import shard_suffix  # noqa: E402
 
 
 def shard_prefixes(inputs: list[str]) -> list[str]:
@@ -31,12 +38,46 @@ def shard_prefixes(inputs: list[str]) -> list[str]:
     return prefixes
 
 
+def merge_shards(prefix: str, num_shards: int) -> list[tuple[str, int]]:
+    """Merge every output of a sharded run; returns (name, documents) per output. Refuses, naming
+    them, when shards have no manifest (not built, or killed before the end)."""
+    manifests = [f"{prefix}{shard_suffix(i, num_shards)}.manifest.json" for i in range(num_shards)]
+    missing = [i for i, m in enumerate(manifests) if not os.path.isfile(m)]
+    if missing:
+        raise IndexedDatasetError(f"{len(missing)} of {num_shards} shards are not built (no manifest): "
+                                  f"{', '.join(map(str, missing[:10]))}{'...' if len(missing) > 10 else ''}")
+    with open(manifests[0], encoding="utf-8") as f:
+        suffix = shard_suffix(0, num_shards)
+        names = [name[:-len(suffix)] for name in json.load(f)["outputs"]]
+    merged = []
+    for name in names:
+        shards = [name + shard_suffix(i, num_shards) for i in range(num_shards)]
+        merged.append((name, merge_datasets(shards, name).num_documents))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--input", nargs="+", required=True, help="folders of shards, or prefixes")
-    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--input", nargs="+", help="folders of shards, or prefixes")
+    p.add_argument("--output-prefix")
+    p.add_argument("--shards", metavar="PREFIX", help="the --output-prefix of a sharded preprocess_data.py run")
+    p.add_argument("--num-shards", type=int, help="its --num-shards")
     args = p.parse_args(argv)
     start = time.perf_counter()
+    if args.shards:
+        if not args.num_shards or args.num_shards < 2 or args.input or args.output_prefix:
+            p.error("--shards PREFIX takes --num-shards N (at least 2), and no --input or --output-prefix")
+        try:
+            merged = merge_shards(args.shards, args.num_shards)
+        except IndexedDatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        for name, documents in merged:
+            print(f"merged {args.num_shards} shards into {name}: {documents} documents")
+        print(f"({time.perf_counter() - start:.1f} s)")
+        return
+    if not args.input or not args.output_prefix:
+        p.error("give --input and --output-prefix (or --shards and --num-shards)")
     prefixes = shard_prefixes(args.input)
     try:
         merged = merge_datasets(prefixes, args.output_prefix)
