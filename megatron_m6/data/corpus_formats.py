@@ -88,15 +88,13 @@ def _tar_rows(raw, text_key: str, image_key: str) -> Iterator[dict]:
 
 def _parquet_rows(path: str, columns: list[str]) -> tuple[Iterator[dict], int]:
     """(rows of the named columns the file has, number of rows); an image column may hold bytes
-    or a Hugging Face Image struct {bytes, path}. A file with none of them is an error."""
+    or a Hugging Face Image struct {bytes, path}. That it has at least one of them was checked
+    before any work (data/preprocess.py, check_streamed_inputs)."""
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(path)
     have = set(table.schema_arrow.names)
-    wanted = [c for c in columns if c in have]
-    if not wanted:
-        raise ValueError(f"{path} has none of the columns {', '.join(columns)} (it has {', '.join(sorted(have))})")
-    batches = table.iter_batches(batch_size=ROW_BATCH, columns=wanted)
+    batches = table.iter_batches(batch_size=ROW_BATCH, columns=[c for c in columns if c in have])
     return (row for batch in batches for row in batch.to_pylist()), table.metadata.num_rows
 
 
@@ -111,7 +109,7 @@ def stream_chunks(path: str, chunk_bytes: int, text_key: str, image_key: str,
                   columns: list[str]) -> Iterator[tuple[list, int]]:
     """(rows, bytes of the file read so far) chunks of about chunk_bytes each, in file order.
     Raises CorruptFile (after yielding the rows read before the damage) for a file that cannot
-    be read on, ValueError for a parquet file without the columns asked for."""
+    be read on."""
     size = os.path.getsize(path)
     with open(path, "rb") as raw:
         if path.endswith(".parquet"):
