@@ -34,6 +34,14 @@ from megatron_m6.tokenizer import M6Tokenizer, build_vocab
 
 CAPTION_RE = re.compile(f"^({'|'.join(CELL_NAMES)})有({'|'.join(COUNT_WORDS)})个"
                         f"({'|'.join(COLOURS)})的({'|'.join(SHAPES)})$")
+_WORDS = {"position": "|".join(CELL_NAMES), "count": "|".join(COUNT_WORDS), "colour": "|".join(COLOURS),
+          "shape": "|".join(SHAPES)}
+# The ITM and retrieval wordings, written out here by hand: "左上角的圆形是红色的，共有两个" and
+# "图中左上角画了两个圆形，颜色是红色".
+DESCRIPTION_RES = [re.compile("^(?P<position>{position})的(?P<shape>{shape})是(?P<colour>{colour})的，"
+                              "共有(?P<count>{count})个$".format(**_WORDS)),
+                   re.compile("^图中(?P<position>{position})画了(?P<count>{count})个(?P<shape>{shape})，"
+                              "颜色是(?P<colour>{colour})$".format(**_WORDS))]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -188,6 +196,14 @@ def scene_from_pixels(path):
     return CELL_NAMES[cells.pop()], COUNT_WORDS[len(found) - 1], colours[0], shapes.pop()
 
 
+def parse_description(text):
+    """(wording index, (position, count, colour, shape) words) of an ITM or retrieval text."""
+    found = [(i, m) for i, regex in enumerate(DESCRIPTION_RES) if (m := regex.match(text))]
+    assert len(found) == 1, f"{text!r} is not in exactly one downstream wording"
+    i, m = found[0]
+    return i, (m["position"], m["count"], m["colour"], m["shape"])
+
+
 def caption_of(words):
     position, count, colour, shape = words
     return f"{position}有{count}个{colour}的{shape}"
@@ -241,8 +257,13 @@ def test_downstream_schemas(sets):
 
 def test_downstream_labels_agree_with_pixels(sets):
     out = sets[0] / "downstream"
-    for row in read_jsonl(out / "caption_train.jsonl") + read_jsonl(out / "retrieval_test.jsonl"):
-        assert row.get("caption", row.get("text")) == caption_of(scene_from_pixels(out / row["image"]))
+    for row in read_jsonl(out / "caption_train.jsonl"):
+        assert row["caption"] == caption_of(scene_from_pixels(out / row["image"]))
+    wordings = Counter()
+    for row in read_jsonl(out / "retrieval_test.jsonl"):
+        wording, words = parse_description(row["text"])
+        assert words == scene_from_pixels(out / row["image"]), row
+        wordings[wording] += 1
     for row in read_jsonl(out / "vqa_train.jsonl")[:150]:
         position, count, colour, shape = scene_from_pixels(out / row["image"])
         expected = {"count": (f"图中有几个{shape}？", f"{count}个"), "position": (f"{colour}的图形在哪里？", position),
@@ -251,12 +272,13 @@ def test_downstream_labels_agree_with_pixels(sets):
     changed = Counter()
     for pos, neg in zip(*[iter(read_jsonl(out / "itm_train.jsonl"))] * 2):
         truth = scene_from_pixels(out / pos["image"])
-        assert pos["text"] == caption_of(truth)
-        differs = [name for name, a, b in zip(("position", "count", "colour", "shape"), truth,
-                                              CAPTION_RE.match(neg["text"]).groups()) if a != b]
+        (wording, words), (neg_wording, neg_words) = parse_description(pos["text"]), parse_description(neg["text"])
+        assert words == truth and neg_wording == wording, (pos, neg)
+        differs = [name for name, a, b in zip(("position", "count", "colour", "shape"), truth, neg_words) if a != b]
         assert differs == [neg["changed"]], neg
         changed[neg["changed"]] += 1
-    assert len(changed) == 4, changed
+        wordings[wording] += 1
+    assert len(changed) == 4 and len(wordings) == len(DESCRIPTION_RES), (changed, wordings)
 
 
 def test_text_generation_answers_and_splits(sets):

@@ -4,8 +4,8 @@ Images are a few identical coloured shapes drawn in one cell of a 3x3 grid, capt
 ("左上角有两个红色的圆形"), so captioning is learnable but needs the image. The text corpus is
 original Chinese sentences on everyday topics plus templated sentences using the same words.
 make_downstream_data writes fine-tuning sets from the same world (captioning, VQA, image-text
-matching, retrieval, reading comprehension) on images of their own. Everything is deterministic
-from a seed.
+matching and retrieval, whose texts are worded unlike the captions, reading comprehension) on
+images of their own. Everything is deterministic from a seed.
 """
 
 from __future__ import annotations
@@ -85,6 +85,13 @@ VQA_TEMPLATES = {
     "colour": ("图中的{shape}是什么颜色？", "{colour}"),
     "shape": ("{position}的图形是什么形状？", "{shape}"),
 }
+# ITM and retrieval texts: descriptions in other words than CAPTION_TEMPLATE, as a downstream set's
+# own annotators would write them, so matching has to transfer from pretraining's captions and
+# fine-tuning has something left to learn. Slots as CAPTION_TEMPLATE's.
+DESCRIPTION_TEMPLATES = [
+    "{position}的{shape}是{colour}的，共有{count}个",
+    "图中{position}画了{count}个{shape}，颜色是{colour}",
+]
 # Reading comprehension over _fact_sentence's facts: (fact, question, answer), slots from _reading_slots.
 READING_TEMPLATES = [
     ("{city}今天的气温是{temp}度。", "{city}今天的气温是多少度？", "{temp}度"),
@@ -100,7 +107,7 @@ READING_TEMPLATES = [
 # Every word the downstream sets use, given to build_vocab so none becomes [UNK]: the
 # templates without their slots, every slot word, and the digits alone and after a digit ("##"
 # pieces), from which WordPiece spells any number.
-_TEMPLATES = [CAPTION_TEMPLATE, *(t for pair in VQA_TEMPLATES.values() for t in pair),
+_TEMPLATES = [CAPTION_TEMPLATE, *DESCRIPTION_TEMPLATES, *(t for pair in VQA_TEMPLATES.values() for t in pair),
               *(t for row in READING_TEMPLATES for t in row)]
 DOWNSTREAM_TEXT = "\n".join([
     *(re.sub(r"\{\w+\}", " ", t) for t in _TEMPLATES),
@@ -197,7 +204,10 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        return CAPTION_TEMPLATE.format(**self.words())
+        return self.describe(CAPTION_TEMPLATE)
+
+    def describe(self, template: str) -> str:
+        return template.format(**self.words())
 
 
 def render_scene(rng: random.Random, scene: Scene, image_size: int) -> Image.Image:
@@ -319,10 +329,12 @@ def _change_one_attribute(rng: random.Random, scene: Scene) -> tuple[str, Scene]
 
 
 def _itm_rows(image: str, scene: Scene, rng: random.Random) -> list[dict]:
-    """The true caption and a hard negative for each image, so labels are exactly balanced."""
+    """The true description and a hard negative in the same words for each image, so labels are
+    exactly balanced and only the changed attribute tells them apart."""
+    template = rng.choice(DESCRIPTION_TEMPLATES)
     changed, negative = _change_one_attribute(rng, scene)
-    return [{"image": image, "text": scene.caption, "label": 1, "changed": None},
-            {"image": image, "text": negative.caption, "label": 0, "changed": changed}]
+    return [{"image": image, "text": scene.describe(template), "label": 1, "changed": None},
+            {"image": image, "text": negative.describe(template), "label": 0, "changed": changed}]
 
 
 def _caption_rows(image: str, scene: Scene, rng: random.Random) -> list[dict]:
@@ -349,12 +361,12 @@ def _image_task(out_dir: str, task: str, split: str, n: int, image_size: int, se
 
 
 def _retrieval(out_dir: str, n: int, image_size: int, seed: int) -> list[dict]:
-    """n images of n different scenes, so every caption names exactly one image."""
+    """n images of n different scenes, so every description names exactly one image."""
     rng, rows = _downstream_rng(seed, "retrieval", "test"), []
     for i, scene in enumerate(rng.sample(ALL_SCENES, n)):
         image = f"images/retrieval_test_{i:05d}.png"
         _save_png(render_scene(rng, scene, image_size), os.path.join(out_dir, image))
-        rows.append({"image": image, "text": scene.caption})
+        rows.append({"image": image, "text": scene.describe(rng.choice(DESCRIPTION_TEMPLATES))})
     return rows
 
 
@@ -426,7 +438,8 @@ def make_downstream_data(out_dir: str, seed: int = 0, image_size: int = 96,
     Files (image paths relative to out_dir): images/{task}_{split}_NNNNN.png; caption_{split}.jsonl
     {"image", "caption"}; vqa_{split}.jsonl {"image", "question", "answer", "question_type"}, three
     rows per image; itm_{split}.jsonl {"image", "text", "label", "changed"}, a positive then a hard
-    negative per image; retrieval_test.jsonl {"image", "text"}, distinct captions; and
+    negative per image, in DESCRIPTION_TEMPLATES' words; retrieval_test.jsonl {"image", "text"},
+    distinct descriptions; and
     text_generation_{split}.jsonl {"source", "target"}. Every file is written under a temporary name
     and renamed, and the manifest downstream.json (the row counts) comes last, so its presence means
     a complete set. With vocab_file, check first that it encodes every downstream word.
