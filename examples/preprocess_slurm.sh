@@ -10,7 +10,9 @@
 # Extra arguments go to tools/preprocess_data.py. Each shard is `preprocess_data.py --num-shards N
 # --shard-index I` (docs/DATA.md, "Sharded runs"); the merge is `tools/merge_datasets.py --shards`,
 # which refuses while a shard has no manifest. A failed or killed array is resubmitted as it was:
-# shards already built are recognised by their manifests and skipped. Deduplication is per shard.
+# shards already built are recognised by their manifests and skipped, and a shard killed midway
+# continues from its last completed chunk (--resume; RESUME=0 starts such shards over, as it must
+# after a change of settings). Deduplication is per shard.
 # SLURM settings come from the environment: PARTITION, ACCOUNT, TIME (per shard), MAX_PARALLEL
 # (array tasks at once), SBATCH_ARGS (anything else, e.g. "--gpus-per-node=0").
 set -euo pipefail
@@ -24,13 +26,15 @@ OUTPUT_PREFIX=${OUTPUT_PREFIX:?set OUTPUT_PREFIX}
 NUM_SHARDS=${NUM_SHARDS:?set NUM_SHARDS (at least 2)}
 WORKERS=${WORKERS:-8}
 MODE=${MODE:-submit}  # submit; or, inside the jobs: shard, merge
+RESUME=${RESUME:-1}
 
 build_shard() {  # $1: the shard index; the rest: preprocess_data.py flags
   local index=$1
   shift
   # shellcheck disable=SC2086  # INPUT may hold several paths or globs
   OMP_NUM_THREADS=1 $PYTHON tools/preprocess_data.py --input $INPUT --output-prefix "$OUTPUT_PREFIX" \
-    --num-shards "$NUM_SHARDS" --shard-index "$index" --workers "$WORKERS" --no-progress "$@"
+    --num-shards "$NUM_SHARDS" --shard-index "$index" --workers "$WORKERS" --no-progress \
+    $([ "$RESUME" = 1 ] && echo --resume) "$@"
 }
 
 merge() {
@@ -44,7 +48,7 @@ case $MODE in
     if [ -n "${LOCAL:-}" ] || ! command -v sbatch > /dev/null; then
       echo "== $NUM_SHARDS shards on this machine, ${JOBS:-1} at a time"
       export -f build_shard
-      export PYTHON INPUT OUTPUT_PREFIX NUM_SHARDS WORKERS
+      export PYTHON INPUT OUTPUT_PREFIX NUM_SHARDS WORKERS RESUME
       seq 0 $((NUM_SHARDS - 1)) | xargs -P "${JOBS:-1}" -I{} bash -c 'build_shard "$@"' _ {} "$@"
       merge
       exit

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "NAME.shard-0000I-of-0000N, with a manifest; a shard already built is skipped")
     g.add_argument("--shard-index", type=int, default=DEFAULTS.shard_index, help="which part, from 0")
     g = p.add_argument_group("runtime")
+    g.add_argument("--chunk-bytes", type=int, default=None,
+                   help="input per unit of work, which is also the unit of sharding and of --resume (default: "
+                        "1 MiB of text, 32 KiB of image-text rows; streamed formats: 4 MiB of rows)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue a run that was killed from its last completed chunk (its PREFIX.journal and "
+                        "temporary outputs); the result equals an uninterrupted run's")
     g.add_argument("--workers", type=int, default=DEFAULTS.workers,
                    help="processes that clean and tokenise")
     g.add_argument("--partitions", type=int, default=DEFAULTS.partitions,
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         image_size=a.image_size, jpeg_quality=a.jpeg_quality, min_image_size=a.min_image_size,
         max_aspect_ratio=a.max_aspect_ratio, max_bad_fraction=a.max_bad_fraction,
         progress=not a.no_progress, task=a.task,
-        num_shards=a.num_shards, shard_index=a.shard_index)
+        num_shards=a.num_shards, shard_index=a.shard_index, resume=a.resume, chunk_bytes=a.chunk_bytes)
     try:
         stats = preprocess(cfg)
     except (FileNotFoundError, ValueError) as e:

@@ -180,6 +180,11 @@ class IndexedDataset:
         return decode_image_item(self[i])
 
 
+def tmp_bin_path(prefix: str) -> str:
+    """Where IndexedDatasetWriter builds the .bin until it is finalized."""
+    return bin_path(prefix) + ".tmp"
+
+
 class IndexedDatasetWriter:
     """Builds PREFIX.bin/.idx under temporary names; `finalize()` renames them into place.
 
@@ -187,17 +192,30 @@ class IndexedDatasetWriter:
     interrupted run leaves nothing that loads.
     """
 
-    def __init__(self, prefix: str, dtype: type[np.number], multimodal: bool = False):
+    def __init__(self, prefix: str, dtype: type[np.number], multimodal: bool = False,
+                 resume: list[dict] | None = None):
+        """With resume, the `sync` records of an interrupted writer of the same prefix: its
+        temporary .bin is cut back to the last one and continued."""
         if np.dtype(dtype) not in DTYPE_CODES:
             raise ValueError(f"dtype {dtype} has no code in the indexed dataset format")
         self.prefix, self.dtype, self.multimodal = prefix, np.dtype(dtype), multimodal
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self._tmp_bin, self._tmp_idx = bin_path(prefix) + ".tmp", idx_path(prefix) + ".tmp"
-        self._file = open(self._tmp_bin, "wb")
+        self._tmp_bin, self._tmp_idx = tmp_bin_path(prefix), idx_path(prefix) + ".tmp"
         self._lengths = array("i")
         self._doc_index = array("q", [0])
         self._modes = array("b")
         self._done = False
+        if resume:
+            self._file = open(self._tmp_bin, "r+b")
+            self._file.truncate(resume[-1]["bin_bytes"])
+            self._file.seek(resume[-1]["bin_bytes"])
+            for record in resume:
+                self._lengths.frombytes(record["lengths"])
+                self._doc_index.frombytes(record["doc_index"])
+                self._modes.frombytes(record["modes"])
+        else:
+            self._file = open(self._tmp_bin, "wb")
+        self._synced = (len(self._lengths), len(self._doc_index), len(self._modes))
 
     def __enter__(self) -> IndexedDatasetWriter:
         return self
@@ -259,6 +277,16 @@ class IndexedDatasetWriter:
             self._modes.frombytes(np.ascontiguousarray(other.sequence_modes).tobytes())
         with open(bin_path(prefix), "rb") as f:
             shutil.copyfileobj(f, self._file, 16 << 20)
+
+    def sync(self) -> dict:
+        """Put the .bin on disk and return what was added since the last sync: a record that
+        lets `resume` continue from here after a kill (data/journal.py)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        items, docs, modes = self._synced
+        self._synced = (len(self._lengths), len(self._doc_index), len(self._modes))
+        return {"bin_bytes": self._file.tell(), "lengths": self._lengths[items:].tobytes(),
+                "doc_index": self._doc_index[docs:].tobytes(), "modes": self._modes[modes:].tobytes()}
 
     def finalize(self) -> None:
         """Write the index, then move both files into place (the old .idx goes first)."""

@@ -50,9 +50,11 @@ from megatron_m6.data.images import (
     load_image_bytes,
     prepare_image,
 )
-from megatron_m6.data.indexed import MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets, token_dtype
+from megatron_m6.data.indexed import MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets, tmp_bin_path, token_dtype
+from megatron_m6.data.journal import Journal
 from megatron_m6.data.shards import (
     completed,
+    describe_inputs,
     remove_manifest,
     settings_digest,
     shard_of,
@@ -71,6 +73,7 @@ PLAIN_PROGRESS_SECONDS = 30.0
 UNUSABLE_IMAGE = (IMAGE_NOT_FOUND, BAD_BASE64, UNREADABLE, TRUNCATED)
 ROWS_BEFORE_BAD_FRACTION_STOP = 200
 EXAMPLES_PER_REASON = 3
+_NOTHING_KEPT = {"digests": [], "minhash": None}  # an output a chunk added nothing to
 
 
 @dataclass
@@ -98,6 +101,7 @@ class PreprocessConfig:
     chunk_bytes: int | None = None  # default: 1 MiB for text, 32 KiB for image-text pairs
     progress: bool = True
     task: str | None = None  # set: rows of a fine-tuning task (data/downstream.py), one output
+    resume: bool = False  # continue an interrupted run from its journal (data/journal.py)
     num_shards: int = 1  # > 1: build shard `shard_index` of the input only (data/shards.py)
     shard_index: int = 0
 
@@ -118,6 +122,10 @@ class PreprocessConfig:
     @property
     def manifest_path(self) -> str:
         return f"{self.output_prefix}{shard_suffix(self.shard_index, self.num_shards)}.manifest.json"
+
+    @property
+    def journal_path(self) -> str:
+        return f"{self.output_prefix}{shard_suffix(self.shard_index, self.num_shards)}.journal"
 
 
 @dataclass
@@ -240,13 +248,18 @@ class ReadAhead:
         self._closed.set()
 
 
-def read_chunks(chunks: list[Chunk], cfg: PreprocessConfig, window: ReadAhead) -> Iterator[Chunk]:
+def read_chunks(chunks: list[Chunk], cfg: PreprocessConfig, window: ReadAhead, skip: int = 0) -> Iterator[Chunk]:
     """The work of `chunks` in order, streamed files read here into chunks of rows, at most the
-    window's size ahead of the writer."""
+    window's size ahead of the writer; the first `skip` (done before a resume) are left out."""
     limit = cfg.chunk_bytes or STREAMED_CHUNK_BYTES
     for chunk in chunks:
-        parts = [chunk] if not chunk.streamed else _stream(chunk.path, limit, cfg)
-        for part in parts:
+        if skip and not chunk.streamed:
+            skip -= 1
+            continue
+        for part in [chunk] if not chunk.streamed else _stream(chunk.path, limit, cfg):
+            if skip:
+                skip -= 1
+                continue
             if not window.take():
                 return
             yield part
@@ -679,10 +692,43 @@ class _ProgressBar:
         self.bar.close()
 
 
+def _kept_keys(out: Output, keep: np.ndarray) -> dict:
+    """The deduplication keys of a chunk's kept documents, which a resume gives back to the
+    deduplicator."""
+    return {"digests": [d for d, k in zip(out.digests, keep) if k],
+            "minhash": None if out.minhash is None else (out.minhash[0][keep], out.minhash[1][keep])}
+
+
+def _replay(dedup: Deduplicator, kept: dict) -> None:
+    no_bands = np.zeros(1, np.uint64)
+    for j, doc_digest in enumerate(kept["digests"]):
+        bands = no_bands if kept["minhash"] is None else kept["minhash"][0][j]
+        assert dedup.check(doc_digest, bands, None if kept["minhash"] is None else kept["minhash"][1][j]) is None
+
+
+def _open_journal(cfg: PreprocessConfig, chunks: list[Chunk], names: dict[str, str], log) -> Journal:
+    """The run's journal, continued with --resume when the temporary outputs still hold what
+    it records (a kill between renaming the outputs and removing the journal leaves it without
+    them: then the run starts over)."""
+    header = {"settings_sha256": settings_digest(cfg, M6Tokenizer.from_vocab_file(cfg.vocab_file).digest),
+              "inputs": describe_inputs(chunks), "outputs": sorted(names.values())}
+    journal = Journal(cfg.journal_path, header, cfg.resume)
+    if not cfg.resume and os.path.exists(tmp_bin_path(next(iter(names.values())))):
+        log("note: the temporary outputs of an interrupted run are dropped; --resume would continue it")
+    if journal.done:
+        last = journal.done[-1]["outputs"]
+        if not all(os.path.exists(tmp_bin_path(name)) and os.path.getsize(tmp_bin_path(name)) >=
+                   last[key]["writer"]["bin_bytes"] for key, name in names.items()):
+            log(f"note: {cfg.journal_path} has no temporary outputs to continue: starting from the first chunk")
+            journal = Journal(cfg.journal_path, header, resume=False)
+    return journal
+
+
 def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, position: int) -> Stats:
     """Process chunks with a pool of cfg.workers and write the outputs named with suffix:
     chunks come back in input order, are deduplicated against everything kept before, written,
-    and counted."""
+    and counted. An unpartitioned run journals each chunk (data/journal.py), so --resume can
+    continue it after a kill."""
     stats = Stats()
     names = cfg.output_names()
     text_dedup = not (cfg.image_key or cfg.task)
@@ -694,22 +740,44 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
                        position, cfg.log_interval, cfg.progress, start)
     dtype = (MULTIMODAL_DTYPE if cfg.with_images
              else token_dtype(M6Tokenizer.from_vocab_file(cfg.vocab_file).vocab_size))
+    journal = _open_journal(cfg, chunks, names, bar.write) if not suffix else None
+    done = journal.done if journal else []
+    for record in done:
+        lines_before[record["path"]] = record["lines_before"]
+        for key, kept in record["outputs"].items():
+            _replay(dedup[key], kept)
+    if done:
+        stats = Stats.from_dict(done[-1]["stats"])
+        stats.examples = done[-1]["examples"]
+        logged.update(e[0] for e in stats.examples)
+        bar.write(f"resuming after {len(done)} chunks ({stats.bytes / 1e6:.1f} MB) from {cfg.journal_path}")
+        bar.update(stats.bytes, stats)
     with ExitStack() as stack:
-        writers = {k: stack.enter_context(IndexedDatasetWriter(name + suffix, dtype, cfg.with_images))
-                   for k, name in names.items()}
+        if journal:
+            stack.callback(journal.remove)  # after the writers: finished or failed, nothing to resume
+        writers = {k: stack.enter_context(IndexedDatasetWriter(
+            name + suffix, dtype, cfg.with_images, [r["outputs"][k]["writer"] for r in done]))
+            for k, name in names.items()}
         pool = stack.enter_context(Pool(cfg.workers, _init_worker, (cfg,)))
         window = ReadAhead(4 * cfg.workers)
         stack.callback(window.close)  # runs before the pool's exit
-        for res in pool.imap(process_chunk, read_chunks(chunks, cfg, window)):
+        for res in pool.imap(process_chunk, read_chunks(chunks, cfg, window, len(done))):
             window.give()
             _count_skipped(stats, res, lines_before[res.path] + 1, logged, bar.write)
             lines_before[res.path] += res.num_lines
             stats.lines += res.num_lines
             stats.bytes += res.num_bytes
+            kept = {}
             for key, out in res.outputs.items():
                 keep = _not_duplicates(dedup[key], out, stats)
                 _write(writers[key], out, keep)
                 _count_kept(stats, names[key], out, keep)
+                kept[key] = _kept_keys(out, keep)
+            if journal:
+                journal.append({"path": res.path, "lines_before": lines_before[res.path], "stats": stats.to_dict(),
+                                "examples": list(stats.examples),
+                                "outputs": {k: {"writer": writers[k].sync(), **kept.get(k, _NOTHING_KEPT)}
+                                            for k in names}})
             bar.update(res.num_bytes, stats)
             if cfg.with_images and stats.lines >= ROWS_BEFORE_BAD_FRACTION_STOP:
                 _check_bad_images(stats, cfg)
@@ -739,6 +807,11 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}")
     if cfg.task and cfg.task not in REQUIRED_FIELDS:
         raise ValueError(f"unknown --task {cfg.task!r}; tasks are {', '.join(REQUIRED_FIELDS)}")
+    if cfg.chunk_bytes is not None and cfg.chunk_bytes < 1:
+        raise ValueError(f"--chunk-bytes must be at least 1, got {cfg.chunk_bytes}")
+    if cfg.resume and cfg.partitions > 1:
+        raise ValueError("--resume continues one writer's journal: it needs --partitions 1 (for a cluster, "
+                         "--num-shards runs resume shard by shard)")
     if not 0 <= cfg.shard_index < cfg.num_shards:
         raise ValueError(f"--shard-index must be in [0, --num-shards {cfg.num_shards}), got {cfg.shard_index}")
     vocab = M6Tokenizer.from_vocab_file(cfg.vocab_file)  # fail now, not in every worker

@@ -21,7 +21,7 @@ from megatron_m6.data.indexed import bin_path, dataset_exists, idx_path
 
 MANIFEST_VERSION = 1
 # Settings that change how a run works, not what it writes.
-RUNTIME_ONLY = ("inputs", "output_prefix", "workers", "partitions", "log_interval", "progress")
+RUNTIME_ONLY = ("inputs", "output_prefix", "workers", "partitions", "log_interval", "progress", "resume")
 
 
 def shard_suffix(shard_index: int, num_shards: int) -> str:
