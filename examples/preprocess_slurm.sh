@@ -12,7 +12,8 @@
 # which refuses while a shard has no manifest. A failed or killed array is resubmitted as it was:
 # shards already built are recognised by their manifests and skipped, and a shard killed midway
 # continues from its last completed chunk (--resume; RESUME=0 starts such shards over, as it must
-# after a change of settings). Deduplication is per shard.
+# after a change of settings). Text is deduplicated across all shards by the merge job, in
+# DEDUP_MEMORY_GB (default 4) of memory, so the result equals a one-process run's.
 # SLURM settings come from the environment: PARTITION, ACCOUNT, TIME (per shard), MAX_PARALLEL
 # (array tasks at once), SBATCH_ARGS (anything else, e.g. "--gpus-per-node=0").
 set -euo pipefail
@@ -38,7 +39,8 @@ build_shard() {  # $1: the shard index; the rest: preprocess_data.py flags
 }
 
 merge() {
-  $PYTHON tools/merge_datasets.py --shards "$OUTPUT_PREFIX" --num-shards "$NUM_SHARDS"
+  $PYTHON tools/merge_datasets.py --shards "$OUTPUT_PREFIX" --num-shards "$NUM_SHARDS" \
+    --dedup-memory-gb "${DEDUP_MEMORY_GB:-4}"
 }
 
 case $MODE in

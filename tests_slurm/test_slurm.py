@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from megatron_m6.data.cleaning import CleaningConfig
 from megatron_m6.data.indexed import bin_path, idx_path
 from megatron_m6.data.preprocess import PreprocessConfig, preprocess
 from megatron_m6.data.sample_data import make_text_corpus
@@ -166,18 +167,19 @@ def test_the_script_defaults_and_empty_variables_turning_features_off(tmp_path):
 
 def test_the_corpus_is_built_as_a_job_array_of_shards_then_merged(tmp_path):
     """examples/preprocess_slurm.sh: an array of 3 shard tasks and a merge job after them; the
-    merged dataset equals one process's on the same input (dedup off: it is per shard)."""
+    merged dataset, deduplicated across the shards, equals one process's on the same input."""
     docs = make_text_corpus(300, np.random.default_rng(2))
+    docs[250:260] = docs[:10]  # exact duplicates in the last shard of the first's documents
     inputs = []
     for k in range(3):
         path = tmp_path / f"part{k}.jsonl"
         rows = [json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs[k * 100:(k + 1) * 100]]
         path.write_text("".join(rows), encoding="utf-8")
         inputs.append(str(path))
-    flags = ["--no-dedup", "--no-near-dedup"]
+    flags = ["--min-chars", "5"]
     whole = PreprocessConfig(inputs=inputs, output_prefix=str(tmp_path / "one" / "zh"), progress=False,
-                             exact_dedup=False, near_dedup=False)
-    preprocess(whole)
+                             cleaning=CleaningConfig(min_chars=5))
+    assert preprocess(whole).skipped["exact_duplicate"] >= 10
     env = {**os.environ, "INPUT": " ".join(inputs), "OUTPUT_PREFIX": str(tmp_path / "out" / "zh"), "NUM_SHARDS": "3",
            "WORKERS": "1", "PYTHON": sys.executable, "SBATCH_ARGS": "--gpus-per-node=0", "LOGS": str(tmp_path / "logs")}
     submitted = subprocess.run(["bash", "examples/preprocess_slurm.sh", *flags], cwd=REPO, env=env,
@@ -196,3 +198,4 @@ def test_the_corpus_is_built_as_a_job_array_of_shards_then_merged(tmp_path):
     got = str(tmp_path / "out" / "zh_text_document")
     for path in (bin_path, idx_path):
         assert open(path(got), "rb").read() == open(path(want), "rb").read(), logs
+    assert "dropped across shards: " in logs

@@ -90,30 +90,35 @@ def minhash(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Deduplicator:
-    """Remembers what was kept; `check` returns the reason a document is a duplicate, or None
-    (and then remembers it). Memory: 16 bytes per digest, 128 per signature, plus dict entries."""
+    """`check` returns the reason a document is a duplicate, or None. The rule, in input order:
+    an exact duplicate has an earlier document with its digest; a near duplicate agrees on at
+    least NEAR_THRESHOLD of its signature with the first earlier document of one of its LSH band
+    keys, kept or not (so a near duplicate can be the first of a band key, and drop a later
+    document). The rule needs nothing but the input order, which lets data/global_dedup.py apply
+    the same one across shards. Memory: 16 bytes per digest, 128 per signature, plus dict entries."""
 
     def __init__(self, exact: bool = True, near: bool = True):
         self.exact, self.near = exact, near
         self._digests: set[bytes] = set()
-        self._bands: dict[int, int] = {}  # band key -> first kept document with it
+        self._bands: dict[int, int] = {}  # band key -> the first document with it
         self._sigs = np.zeros((1024, NUM_BINS), dtype=np.uint16)
         self._count = 0
 
     def check(self, key: bytes, bands: np.ndarray, sig: np.ndarray | None = None) -> str | None:
-        if self.exact and key in self._digests:
-            return EXACT_DUPLICATE
+        if self.exact:
+            if key in self._digests:
+                return EXACT_DUPLICATE
+            self._digests.add(key)
         if self.near and bands[0]:
             keys = bands.tolist()
             candidates = {self._bands[k] for k in keys if k in self._bands}
-            if any((self._sigs[c] == sig).mean() >= NEAR_THRESHOLD for c in candidates):
-                return NEAR_DUPLICATE
+            near = any((self._sigs[c] == sig).mean() >= NEAR_THRESHOLD for c in candidates)
             if self._count == len(self._sigs):
                 self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
             self._sigs[self._count] = sig
             for k in keys:
                 self._bands.setdefault(k, self._count)
             self._count += 1
-        if self.exact:
-            self._digests.add(key)
+            if near:
+                return NEAR_DUPLICATE
         return None

@@ -261,8 +261,9 @@ class IndexedDatasetWriter:
     def end_document(self) -> None:
         self._doc_index.append(len(self._lengths))
 
-    def add_dataset(self, prefix: str) -> None:
-        """Append every document of another dataset of the same dtype and kind (a merge)."""
+    def add_dataset(self, prefix: str, keep: np.ndarray | None = None) -> None:
+        """Append every document of another dataset of the same dtype and kind (a merge), or
+        with keep, a boolean per document, those it marks."""
         other = IndexedDataset(prefix)
         if other.dtype != self.dtype:
             raise IndexedDatasetError(f"{prefix} holds {other.dtype}, this dataset {self.dtype}")
@@ -270,6 +271,9 @@ class IndexedDatasetWriter:
             kinds = {True: "multimodal", False: "text"}
             raise IndexedDatasetError(f"{prefix} is {kinds[other.multimodal]}, this dataset "
                                       f"{kinds[self.multimodal]}")
+        if keep is not None and not keep.all():
+            self._add_documents_of(other, np.flatnonzero(keep))
+            return
         base = len(self._lengths)
         self._lengths.frombytes(np.ascontiguousarray(other.sequence_lengths).tobytes())
         self._doc_index.frombytes((np.asarray(other.document_indices[1:]) + base).tobytes())
@@ -277,6 +281,34 @@ class IndexedDatasetWriter:
             self._modes.frombytes(np.ascontiguousarray(other.sequence_modes).tobytes())
         with open(bin_path(prefix), "rb") as f:
             shutil.copyfileobj(f, self._file, 16 << 20)
+
+    def _add_documents_of(self, other: IndexedDataset, docs: np.ndarray) -> None:
+        """Append documents `docs` (ascending) of other, copying each run of consecutive ones
+        from its .bin at once."""
+        if self._doc_index[-1] != len(self._lengths):
+            self.end_document()
+        bounds = np.asarray(other.document_indices)
+        first, end = bounds[docs], bounds[docs + 1]  # item ranges
+        counts = end - first
+        items = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        base = len(self._lengths)
+        self._lengths.frombytes(np.ascontiguousarray(other.sequence_lengths[items]).tobytes())
+        self._doc_index.frombytes((base + np.cumsum(counts)).astype(np.int64).tobytes())
+        if self.multimodal and other.sequence_modes is not None:
+            self._modes.frombytes(np.ascontiguousarray(other.sequence_modes[items]).tobytes())
+        run_starts = np.flatnonzero(np.concatenate([[True], docs[1:] != docs[:-1] + 1]))
+        run_ends = np.concatenate([run_starts[1:], [len(docs)]]) - 1
+        pointers, lengths = np.asarray(other.sequence_pointers), np.asarray(other.sequence_lengths)
+        with open(bin_path(other.prefix), "rb") as f:
+            for a, b in zip(first[run_starts].tolist(), (end[run_ends] - 1).tolist()):
+                if b < a:
+                    continue  # a run of empty documents
+                start, stop = int(pointers[a]), int(pointers[b]) + int(lengths[b]) * self.dtype.itemsize
+                f.seek(start)
+                while start < stop:
+                    piece = f.read(min(16 << 20, stop - start))
+                    self._file.write(piece)
+                    start += len(piece)
 
     def sync(self) -> dict:
         """Put the .bin on disk and return what was added since the last sync: a record that

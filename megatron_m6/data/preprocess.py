@@ -39,6 +39,7 @@ from megatron_m6.data.corpus_formats import (
 )
 from megatron_m6.data.dedup import Deduplicator, digest, minhash
 from megatron_m6.data.downstream import IMAGE_FINETUNE_TASKS, REQUIRED_FIELDS, DownstreamDataError, row_example
+from megatron_m6.data.global_dedup import KeysWriter, concatenate_keys, keys_path
 from megatron_m6.data.images import (
     BAD_BASE64,
     IMAGE_NOT_FOUND,
@@ -73,7 +74,7 @@ PLAIN_PROGRESS_SECONDS = 30.0
 UNUSABLE_IMAGE = (IMAGE_NOT_FOUND, BAD_BASE64, UNREADABLE, TRUNCATED)
 ROWS_BEFORE_BAD_FRACTION_STOP = 200
 EXAMPLES_PER_REASON = 3
-_NOTHING_KEPT = {"digests": [], "minhash": None}  # an output a chunk added nothing to
+_NOTHING_KEPT = {"digests": [], "minhash": None, "keep": []}  # an output a chunk added nothing to
 
 
 @dataclass
@@ -122,6 +123,11 @@ class PreprocessConfig:
     @property
     def manifest_path(self) -> str:
         return f"{self.output_prefix}{shard_suffix(self.shard_index, self.num_shards)}.manifest.json"
+
+    @property
+    def global_dedup(self) -> bool:
+        """A shard of text defers deduplication across shards to the merge (data/global_dedup.py)."""
+        return self.num_shards > 1 and not (self.image_key or self.task) and (self.exact_dedup or self.near_dedup)
 
     @property
     def journal_path(self) -> str:
@@ -692,18 +698,19 @@ class _ProgressBar:
         self.bar.close()
 
 
-def _kept_keys(out: Output, keep: np.ndarray) -> dict:
-    """The deduplication keys of a chunk's kept documents, which a resume gives back to the
-    deduplicator."""
-    return {"digests": [d for d, k in zip(out.digests, keep) if k],
-            "minhash": None if out.minhash is None else (out.minhash[0][keep], out.minhash[1][keep])}
+def _dedup_keys(out: Output, keep: np.ndarray) -> dict:
+    """The deduplication keys of a chunk's documents and whether each was kept: a resume feeds
+    them to the deduplicator again, which must come to the same decisions."""
+    return {"digests": out.digests, "minhash": out.minhash, "keep": keep}
 
 
-def _replay(dedup: Deduplicator, kept: dict) -> None:
+def _replay(dedup: Deduplicator, keys: dict) -> None:
     no_bands = np.zeros(1, np.uint64)
-    for j, doc_digest in enumerate(kept["digests"]):
-        bands = no_bands if kept["minhash"] is None else kept["minhash"][0][j]
-        assert dedup.check(doc_digest, bands, None if kept["minhash"] is None else kept["minhash"][1][j]) is None
+    for j, doc_digest in enumerate(keys["digests"]):
+        minhash = keys["minhash"]
+        reason = dedup.check(doc_digest, no_bands) if minhash is None else \
+            dedup.check(doc_digest, minhash[0][j], minhash[1][j])
+        assert (reason is None) == keys["keep"][j], "the journal disagrees with its own deduplication"
 
 
 def _open_journal(cfg: PreprocessConfig, chunks: list[Chunk], names: dict[str, str], log) -> Journal:
@@ -717,8 +724,10 @@ def _open_journal(cfg: PreprocessConfig, chunks: list[Chunk], names: dict[str, s
         log("note: the temporary outputs of an interrupted run are dropped; --resume would continue it")
     if journal.done:
         last = journal.done[-1]["outputs"]
-        if not all(os.path.exists(tmp_bin_path(name)) and os.path.getsize(tmp_bin_path(name)) >=
-                   last[key]["writer"]["bin_bytes"] for key, name in names.items()):
+        sizes = [(tmp_bin_path(name), last[key]["writer"]["bin_bytes"]) for key, name in names.items()]
+        if cfg.global_dedup:
+            sizes += [(keys_path(name) + ".tmp", last[key]["keys_bytes"]) for key, name in names.items()]
+        if not all(os.path.exists(path) and os.path.getsize(path) >= size for path, size in sizes):
             log(f"note: {cfg.journal_path} has no temporary outputs to continue: starting from the first chunk")
             journal = Journal(cfg.journal_path, header, resume=False)
     return journal
@@ -732,7 +741,11 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
     stats = Stats()
     names = cfg.output_names()
     text_dedup = not (cfg.image_key or cfg.task)
-    dedup = {k: Deduplicator(cfg.exact_dedup and text_dedup, cfg.near_dedup and text_dedup) for k in names}
+    # A shard drops only its own exact duplicates and writes every kept document's keys for the
+    # merge's global deduplication (data/global_dedup.py), which applies the rest of the rule.
+    global_keys = cfg.global_dedup
+    dedup = {k: Deduplicator(cfg.exact_dedup and text_dedup, cfg.near_dedup and text_dedup and not global_keys)
+             for k in names}
     lines_before: Counter = Counter()  # per input file: lines in its chunks so far
     logged: Counter = Counter()  # per reason: examples logged so far
     start = time.perf_counter()
@@ -758,6 +771,9 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
         writers = {k: stack.enter_context(IndexedDatasetWriter(
             name + suffix, dtype, cfg.with_images, [r["outputs"][k]["writer"] for r in done]))
             for k, name in names.items()}
+        resumed_keys = {k: done[-1]["outputs"][k]["keys_bytes"] if done else None for k in names}
+        keys = {k: stack.enter_context(KeysWriter(name + suffix, resumed_keys[k]))
+                for k, name in names.items()} if global_keys else {}
         pool = stack.enter_context(Pool(cfg.workers, _init_worker, (cfg,)))
         window = ReadAhead(4 * cfg.workers)
         stack.callback(window.close)  # runs before the pool's exit
@@ -772,11 +788,14 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
                 keep = _not_duplicates(dedup[key], out, stats)
                 _write(writers[key], out, keep)
                 _count_kept(stats, names[key], out, keep)
-                kept[key] = _kept_keys(out, keep)
+                kept[key] = _dedup_keys(out, keep)
+                if global_keys:
+                    keys[key].add(out.digests, out.minhash, keep)
             if journal:
                 journal.append({"path": res.path, "lines_before": lines_before[res.path], "stats": stats.to_dict(),
                                 "examples": list(stats.examples),
-                                "outputs": {k: {"writer": writers[k].sync(), **kept.get(k, _NOTHING_KEPT)}
+                                "outputs": {k: {"writer": writers[k].sync(), **kept.get(k, _NOTHING_KEPT),
+                                                "keys_bytes": keys[k].sync() if global_keys else None}
                                             for k in names}})
             bar.update(res.num_bytes, stats)
             if cfg.with_images and stats.lines >= ROWS_BEFORE_BAD_FRACTION_STOP:
@@ -844,10 +863,12 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
                     stats.add(part_stats)
             for name in cfg.output_names().values():
                 merge_datasets([name + f"_part{k}" for k in range(cfg.partitions)], name)
+                if cfg.global_dedup:
+                    concatenate_keys([name + f"_part{k}" for k in range(cfg.partitions)], name)
         finally:
             for name in cfg.output_names().values():
                 for k in range(cfg.partitions):
-                    for ext in (".bin", ".idx"):
+                    for ext in (".bin", ".idx", ".keys"):
                         if os.path.exists(f"{name}_part{k}{ext}"):
                             os.remove(f"{name}_part{k}{ext}")
     stats.files = len({c.path for c in chunks}) + len(empty)
@@ -858,7 +879,9 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
             print(f"skipped ({EMPTY_FILE}) {f}", file=sys.stderr)
     stats.seconds = time.perf_counter() - start
     if sharded:
-        write_manifest(cfg.manifest_path, digest, cfg.shard_index, cfg.num_shards, chunks, names, stats.to_dict())
+        dedup = {"exact": cfg.exact_dedup, "near": cfg.near_dedup} if cfg.global_dedup else None
+        write_manifest(cfg.manifest_path, digest, cfg.shard_index, cfg.num_shards, chunks, names, stats.to_dict(),
+                       dedup)
     return stats
 
 

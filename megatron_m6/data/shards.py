@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 
+from megatron_m6.data.global_dedup import keys_path
 from megatron_m6.data.indexed import bin_path, dataset_exists, idx_path
 
 MANIFEST_VERSION = 1
@@ -54,17 +55,20 @@ def describe_inputs(chunks: list) -> list[dict]:
 
 
 def _output_sizes(names: list[str]) -> dict[str, list[int]] | None:
+    """Each output's .bin and .idx sizes, and its .keys file's (data/global_dedup.py) if any."""
     if not all(dataset_exists(n) for n in names):
         return None
-    return {n: [os.path.getsize(bin_path(n)), os.path.getsize(idx_path(n))] for n in names}
+    return {n: [os.path.getsize(p) for p in (bin_path(n), idx_path(n), keys_path(n)) if os.path.exists(p)]
+            for n in names}
 
 
 def write_manifest(path: str, digest: str, shard_index: int, num_shards: int, chunks: list,
-                   names: list[str], stats: dict) -> None:
-    """The manifest of a finished shard, under a temporary name renamed into place."""
+                   names: list[str], stats: dict, dedup: dict | None = None) -> None:
+    """The manifest of a finished shard, under a temporary name renamed into place; `dedup`, the
+    deduplication its merge must do across shards (a shard of text), or None."""
     manifest = {"version": MANIFEST_VERSION, "shard_index": shard_index, "num_shards": num_shards,
                 "settings_sha256": digest, "inputs": describe_inputs(chunks), "outputs": _output_sizes(names),
-                "stats": stats}
+                "stats": stats, "dedup": dedup}
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, ensure_ascii=False)
