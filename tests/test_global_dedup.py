@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from megatron_m6.data.dedup import BANDS, EXACT_DUPLICATE, NEAR_DUPLICATE, NUM_BINS, Deduplicator
 from megatron_m6.data.global_dedup import EXACT, KEEP, KEY_RECORD, NEAR, drop_reasons, keys_path
@@ -156,3 +157,80 @@ def test_a_merge_keeps_exactly_the_marked_documents(tmp_path, multimodal):
         assert [src[k].tolist() for k in range(a, b)] == [out[k].tolist() for k in range(c, d)]
         if multimodal:
             assert list(src.sequence_modes[a:b]) == list(out.sequence_modes[c:d])
+
+
+def shapes_image(rng: random.Random, size: int = 96) -> Image.Image:
+    """A random picture of several coloured boxes: no two drawn alike."""
+    img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = rng.randrange(size - 20), rng.randrange(size - 20)
+        draw.rectangle((x, y, x + rng.randrange(8, 30), y + rng.randrange(8, 30)),
+                       fill=tuple(rng.randrange(256) for _ in range(3)))
+    return img
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Image-text pairs with planted duplicates, each after its original and mostly in another
+    shard: the same file again (exact), the image resized and re-encoded as PNG (near), the same
+    file with another caption (a duplicate only for --dedup-images-any-caption)."""
+    out = tmp_path_factory.mktemp("pairs")
+    (out / "img").mkdir()
+    rng = random.Random(1)
+    rows, planted = [], []
+    for i in range(120):
+        shapes_image(rng).save(out / "img" / f"{i}.jpg", quality=95)
+        rows.append({"image": f"img/{i}.jpg", "text": f"第{i}张图片里有几个彩色的方块"})
+    for i in range(0, 60, 3):
+        with Image.open(out / "img" / f"{i}.jpg") as img:
+            img.resize((120, 120), Image.Resampling.BICUBIC).save(out / "img" / f"{i}_big.png")
+        planted += [("exact", dict(rows[i])), ("near", {"image": f"img/{i}_big.png", "text": rows[i]["text"]}),
+                    ("other caption", {"image": rows[i]["image"], "text": f"另一段说明文字{i}"})]
+    for kind, row in planted:
+        rows.insert(rng.randrange(70, len(rows) + 1), {**row, "kind": kind})
+    path = out / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path, rows
+
+
+def pair_config(inputs, prefix, **kw) -> PreprocessConfig:
+    return PreprocessConfig(inputs=[str(p) for p in inputs], output_prefix=str(prefix), progress=False,
+                            chunk_bytes=2048, image_key="image", image_size=64, **kw)
+
+
+@pytest.mark.parametrize("flags", [{}, {"image_dedup_distance": 4}, {"image_dedup_distance": 4,
+                                                                     "dedup_images_any_caption": True}])
+def test_image_text_pairs_lose_exactly_their_planted_duplicates(tmp_path, pairs, flags):
+    path, rows = pairs
+    dropped = {"exact"} | ({"near"} if flags else set()) | ({"other caption"} if len(flags) == 2 else set())
+    keep = [r for r in rows if r.get("kind") not in dropped]
+    want = pair_config([write_jsonl_rows(tmp_path / "want.jsonl", keep, path.parent)], tmp_path / "want" / "p")
+    assert not preprocess(want).skipped
+    got = pair_config([path], tmp_path / "got" / "p", **flags)
+    stats = preprocess(got)
+    (want_name,), (got_name,) = want.output_names().values(), got.output_names().values()
+    assert dataset_bytes(got_name) == dataset_bytes(want_name)
+    assert sum(stats.skipped.values()) == len(rows) - len(keep)
+
+
+def test_image_text_shards_deduplicated_at_the_merge_equal_one_process(tmp_path, pairs):
+    path, _ = pairs
+    flags = {"image_dedup_distance": 4}
+    one = pair_config([path], tmp_path / "one" / "p", **flags)
+    preprocess(one)
+    for i in range(3):
+        preprocess(pair_config([path], tmp_path / "sharded" / "p", num_shards=3, shard_index=i, **flags))
+    done = subprocess.run([sys.executable, "tools/merge_datasets.py", "--shards", str(tmp_path / "sharded" / "p"),
+                           "--num-shards", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (name,) = one.output_names().values()
+    assert dataset_bytes(str(tmp_path / "sharded" / Path(name).name)) == dataset_bytes(name)
+    assert "near_duplicate" in done.stdout
+
+
+def write_jsonl_rows(path: Path, rows: list[dict], image_root: Path) -> Path:
+    """rows as jsonl at path, their image paths made absolute (path may be in another folder)."""
+    rows = [{**r, "image": str(image_root / r["image"])} for r in rows]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path

@@ -59,8 +59,9 @@ def merge_shards(prefix: str, num_shards: int, memory_gb: float = 4.0) -> list[t
     for name in names:
         shards = [name + shard_suffix(i, num_shards) for i in range(num_shards)]
         if manifest.get("dedup"):
-            dropped = merge_deduplicated(shards, name, manifest["dedup"]["exact"], manifest["dedup"]["near"],
-                                         int(memory_gb * 2**30))
+            dedup = manifest["dedup"]
+            dropped = merge_deduplicated(shards, name, dedup["exact"], dedup["near"], int(memory_gb * 2**30),
+                                         dedup.get("hamming"))
         else:
             merge_datasets(shards, name)
             dropped = {}

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop documents with more replacement, control or private-use characters")
     g.add_argument("--traditional-to-simplified", action="store_true",
                    help="convert with OpenCC (t2s) before every other rule")
-    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (texts, and image-text pairs)")
     g.add_argument("--no-near-dedup", action="store_true", help="keep near duplicates")
     g = p.add_argument_group("image-text pairs")
     g.add_argument("--image-key", help="field with the image: a path relative to the jsonl, or "
@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip smaller images (px)")
     g.add_argument("--max-aspect-ratio", type=float, default=DEFAULTS.max_aspect_ratio,
                    help="skip more elongated images")
+    g.add_argument("--dedup-image-distance", type=int, default=DEFAULTS.image_dedup_distance, metavar="BITS",
+                   help="also drop pairs whose image's 64-bit difference hash is within BITS (0-7) of an earlier "
+                        "pair's with the same caption (default: off; exact image bytes are always compared)")
+    g.add_argument("--dedup-images-any-caption", action="store_true",
+                   help="an image (exact or near) that came before drops the pair whatever its caption")
     g.add_argument("--max-bad-fraction", type=float, default=DEFAULTS.max_bad_fraction,
                    help="stop, writing nothing, once more of the rows read have an image that cannot be "
                         "read (missing, corrupt, truncated): usually a wrong image root")
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                                 max_garbled_ratio=a.max_garbled_ratio,
                                 traditional_to_simplified=a.traditional_to_simplified),
         exact_dedup=not a.no_dedup, near_dedup=not a.no_near_dedup, image_key=a.image_key,
+        image_dedup_distance=a.dedup_image_distance, dedup_images_any_caption=a.dedup_images_any_caption,
         image_size=a.image_size, jpeg_quality=a.jpeg_quality, min_image_size=a.min_image_size,
         max_aspect_ratio=a.max_aspect_ratio, max_bad_fraction=a.max_bad_fraction,
         progress=not a.no_progress, task=a.task,

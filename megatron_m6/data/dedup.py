@@ -89,6 +89,58 @@ def minhash(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return out, sigs
 
 
+# Image-text pairs: the key of an exact duplicate is the re-encoded JPEG's digest (with the
+# caption's, unless any caption will do); a near duplicate is an image whose 64-bit difference
+# hash (dHash: a 9x8 greyscale thumbnail, one bit per horizontal neighbour pair) is within a
+# Hamming distance d. Its d + 1 band keys are d + 1 slices of the hash (with the caption's
+# digest): two hashes within d of each other agree on at least one slice (pigeonhole). The hash
+# is the signature's first 4 bins, the rest stay 0.
+HASH_BINS = 4
+
+
+def dhash(jpeg: bytes) -> int:
+    """The 64-bit difference hash of an image: robust to re-encoding and resizing, not to crops."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as img:
+        img.draft("L", (18, 16))
+        thumb = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (thumb[:, 1:] > thumb[:, :-1]).reshape(-1)
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def image_keys(jpegs: list[bytes], captions: list[str], distance: int | None,
+               any_caption: bool) -> tuple[list[bytes], tuple[np.ndarray, np.ndarray] | None]:
+    """(digests, (band keys, signatures) or None without a distance) of image-text pairs."""
+    salts = [b"" if any_caption else b"\0" + c.encode("utf-8") for c in captions]
+    digests = [hashlib.blake2b(j + s, digest_size=16).digest() for j, s in zip(jpegs, salts)]
+    if distance is None:
+        return digests, None
+    n, slices = len(jpegs), np.array_split(np.arange(64), distance + 1)
+    hashes = np.array([dhash(j) for j in jpegs], dtype=np.uint64)
+    caption = np.array([int.from_bytes(hashlib.blake2b(s, digest_size=8).digest(), "little") for s in salts],
+                       dtype=np.uint64)
+    keys = np.zeros((n, BANDS), np.uint64)
+    for band, bits in enumerate(slices):
+        mask = np.uint64(sum(1 << int(b) for b in bits))
+        keys[:, band] = _mix((hashes & mask) ^ caption ^ _MULTIPLIERS[band]) | np.uint64(1)
+    sigs = np.zeros((n, NUM_BINS), np.uint16)
+    if n:
+        sigs[:, :HASH_BINS] = hashes.view(np.uint16).reshape(n, HASH_BINS)
+    return digests, (keys, sigs)
+
+
+def signatures_match(a: np.ndarray, b: np.ndarray, hamming: int | None) -> np.ndarray:
+    """Per row, whether signatures a and b make a near duplicate: text MinHash agreeing on at
+    least NEAR_THRESHOLD of the bins, or (hamming set) image hashes within that distance."""
+    if hamming is None:
+        return (a == b).mean(axis=-1) >= NEAR_THRESHOLD
+    xor = (a[..., :HASH_BINS] ^ b[..., :HASH_BINS]).astype(np.uint16)
+    return np.unpackbits(xor.view(np.uint8), axis=-1).sum(axis=-1) <= hamming
+
+
 class Deduplicator:
     """`check` returns the reason a document is a duplicate, or None. The rule, in input order:
     an exact duplicate has an earlier document with its digest; a near duplicate agrees on at
@@ -97,8 +149,9 @@ class Deduplicator:
     document). The rule needs nothing but the input order, which lets data/global_dedup.py apply
     the same one across shards. Memory: 16 bytes per digest, 128 per signature, plus dict entries."""
 
-    def __init__(self, exact: bool = True, near: bool = True):
-        self.exact, self.near = exact, near
+    def __init__(self, exact: bool = True, near: bool = True, hamming: int | None = None):
+        """hamming: the signatures are image hashes (image_keys), near within that distance."""
+        self.exact, self.near, self.hamming = exact, near, hamming
         self._digests: set[bytes] = set()
         self._bands: dict[int, int] = {}  # band key -> the first document with it
         self._sigs = np.zeros((1024, NUM_BINS), dtype=np.uint16)
@@ -110,9 +163,9 @@ class Deduplicator:
                 return EXACT_DUPLICATE
             self._digests.add(key)
         if self.near and bands[0]:
-            keys = bands.tolist()
-            candidates = {self._bands[k] for k in keys if k in self._bands}
-            near = any((self._sigs[c] == sig).mean() >= NEAR_THRESHOLD for c in candidates)
+            keys = [k for k in bands.tolist() if k]  # an image has fewer band keys than BANDS
+            candidates = sorted({self._bands[k] for k in keys if k in self._bands})
+            near = bool(candidates) and bool(signatures_match(self._sigs[candidates], sig, self.hamming).any())
             if self._count == len(self._sigs):
                 self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
             self._sigs[self._count] = sig

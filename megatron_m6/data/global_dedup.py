@@ -28,7 +28,7 @@ import tempfile
 
 import numpy as np
 
-from megatron_m6.data.dedup import BANDS, EXACT_DUPLICATE, NEAR_DUPLICATE, NEAR_THRESHOLD, NUM_BINS
+from megatron_m6.data.dedup import BANDS, EXACT_DUPLICATE, NEAR_DUPLICATE, NUM_BINS, signatures_match
 from megatron_m6.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
 
 KEY_RECORD = np.dtype([("digest", "V16"), ("bands", "<u8", (BANDS,)), ("sig", "<u2", (NUM_BINS,))])
@@ -174,14 +174,15 @@ def _exact(shards: _Shards, reasons: np.ndarray, memory_bytes: int, folder: str)
         reasons[records["id"][1:][later]] = EXACT
 
 
-def _near(shards: _Shards, reasons: np.ndarray, memory_bytes: int, folder: str) -> None:
+def _near(shards: _Shards, reasons: np.ndarray, memory_bytes: int, folder: str, hamming: int | None) -> None:
     def blocks():
         for first, bands in shards.blocks("bands"):
             ids = first + np.arange(len(bands))
             take = (bands[:, 0] != 0) & (reasons[ids] == KEEP)
             records = np.empty((int(take.sum()), BANDS), _BAND_RECORD)
             records["key"], records["id"] = bands[take], ids[take, None]
-            yield records.reshape(-1)
+            records = records.reshape(-1)
+            yield records[records["key"] != 0]  # an image has fewer band keys than BANDS
 
     with_bands = sum(int((b[:, 0] != 0).sum()) for _, b in shards.blocks("bands"))
     num_parts = _partitions(with_bands * BANDS, _BAND_BYTES, memory_bytes)
@@ -197,11 +198,11 @@ def _near(shards: _Shards, reasons: np.ndarray, memory_bytes: int, folder: str) 
         later, first = records["id"][~starts], first[~starts]
         for i in range(0, len(later), pairs_per_step):
             a, b = later[i:i + pairs_per_step], first[i:i + pairs_per_step]
-            agree = (shards.sigs(a) == shards.sigs(b)).mean(axis=1)
-            reasons[a[agree >= NEAR_THRESHOLD]] = NEAR
+            reasons[a[signatures_match(shards.sigs(a), shards.sigs(b), hamming)]] = NEAR
 
 
-def drop_reasons(prefixes: list[str], exact: bool, near: bool, memory_bytes: int, folder: str) -> np.ndarray:
+def drop_reasons(prefixes: list[str], exact: bool, near: bool, memory_bytes: int, folder: str,
+                 hamming: int | None = None) -> np.ndarray:
     """Apply Deduplicator's rule across the key files of `prefixes` (in input order) in about
     memory_bytes of arrays: a KEEP/EXACT/NEAR code per document, all shards end to end, in a
     memory map in `folder`, which also holds the scratch partitions while they are resolved."""
@@ -211,7 +212,7 @@ def drop_reasons(prefixes: list[str], exact: bool, near: bool, memory_bytes: int
     if exact:
         _exact(shards, reasons, memory_bytes, folder)
     if near:
-        _near(shards, reasons, memory_bytes, folder)
+        _near(shards, reasons, memory_bytes, folder, hamming)
     return reasons
 
 
@@ -223,12 +224,12 @@ def count_reasons(reasons: np.ndarray, block: int = 1 << 20) -> dict[str, int]:
 
 
 def merge_deduplicated(prefixes: list[str], out_prefix: str, exact: bool, near: bool,
-                       memory_bytes: int) -> dict[str, int]:
+                       memory_bytes: int, hamming: int | None = None) -> dict[str, int]:
     """Merge the shards `prefixes` into out_prefix without the documents `drop_reasons` finds;
     returns the duplicates dropped, by reason."""
     folder = tempfile.mkdtemp(prefix=".dedup-", dir=os.path.dirname(os.path.abspath(out_prefix)))
     try:
-        reasons = drop_reasons(prefixes, exact, near, memory_bytes, folder)
+        reasons = drop_reasons(prefixes, exact, near, memory_bytes, folder, hamming)
         offsets = np.concatenate([[0], np.cumsum([IndexedDataset(p).num_documents for p in prefixes])])
         if offsets[-1] != len(reasons):
             raise IndexedDatasetError(f"the shards of {out_prefix} hold {offsets[-1]} documents but their key "

@@ -37,7 +37,7 @@ from megatron_m6.data.corpus_formats import (
     is_streamed,
     stream_chunks,
 )
-from megatron_m6.data.dedup import Deduplicator, digest, minhash
+from megatron_m6.data.dedup import BANDS, Deduplicator, digest, image_keys, minhash
 from megatron_m6.data.downstream import IMAGE_FINETUNE_TASKS, REQUIRED_FIELDS, DownstreamDataError, row_example
 from megatron_m6.data.global_dedup import KeysWriter, concatenate_keys, keys_path
 from megatron_m6.data.images import (
@@ -93,6 +93,8 @@ class PreprocessConfig:
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
     exact_dedup: bool = True
     near_dedup: bool = True
+    image_dedup_distance: int | None = None  # image-text pairs: near duplicates by dHash within it
+    dedup_images_any_caption: bool = False  # image-text pairs: a duplicate image drops the pair whatever its caption
     image_key: str | None = None  # set: the input holds image-text pairs
     image_size: int = 224
     jpeg_quality: int = JPEG_QUALITY
@@ -125,9 +127,20 @@ class PreprocessConfig:
         return f"{self.output_prefix}{shard_suffix(self.shard_index, self.num_shards)}.manifest.json"
 
     @property
+    def dedup(self) -> tuple[bool, bool, int | None]:
+        """(exact, near, Hamming distance for image hashes or None for text MinHash) of this run's
+        deduplication: text and image-text pairs; fine-tuning rows are never deduplicated."""
+        if self.task:
+            return False, False, None
+        if self.image_key:
+            near = self.near_dedup and self.image_dedup_distance is not None
+            return self.exact_dedup, near, self.image_dedup_distance
+        return self.exact_dedup, self.near_dedup, None
+
+    @property
     def global_dedup(self) -> bool:
-        """A shard of text defers deduplication across shards to the merge (data/global_dedup.py)."""
-        return self.num_shards > 1 and not (self.image_key or self.task) and (self.exact_dedup or self.near_dedup)
+        """A shard defers deduplication across shards to the merge (data/global_dedup.py)."""
+        return self.num_shards > 1 and any(self.dedup[:2])
 
     @property
     def journal_path(self) -> str:
@@ -514,8 +527,12 @@ def process_image_chunk(chunk: Chunk) -> ChunkResult:
     for n, caption, ok in zip(line_of, captions, keep):
         if not ok:
             skip(EMPTY_TEXT, n, repr(caption[:40]))
-    out = Output(tokens, lengths, doc_items, [n for n, ok in zip(line_of, keep) if ok],
-                 images=[im for im, ok in zip(images, keep) if ok])
+    images = [im for im, ok in zip(images, keep) if ok]
+    exact, near, _ = cfg.dedup
+    digests, hashes = image_keys(images, [c for c, ok in zip(captions, keep) if ok],
+                                 cfg.image_dedup_distance if near else None, cfg.dedup_images_any_caption) \
+        if exact or near else ([], None)
+    out = Output(tokens, lengths, doc_items, [n for n, ok in zip(line_of, keep) if ok], digests, hashes, images)
     return ChunkResult(chunk.path, len(lines), chunk.end - chunk.start, {cfg.json_keys[0]: out},
                        skip.counts, skip.examples)
 
@@ -740,12 +757,11 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
     continue it after a kill."""
     stats = Stats()
     names = cfg.output_names()
-    text_dedup = not (cfg.image_key or cfg.task)
     # A shard drops only its own exact duplicates and writes every kept document's keys for the
     # merge's global deduplication (data/global_dedup.py), which applies the rest of the rule.
+    exact, near, hamming = cfg.dedup
     global_keys = cfg.global_dedup
-    dedup = {k: Deduplicator(cfg.exact_dedup and text_dedup, cfg.near_dedup and text_dedup and not global_keys)
-             for k in names}
+    dedup = {k: Deduplicator(exact, near and not global_keys, hamming) for k in names}
     lines_before: Counter = Counter()  # per input file: lines in its chunks so far
     logged: Counter = Counter()  # per reason: examples logged so far
     start = time.perf_counter()
@@ -822,6 +838,9 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
         raise ValueError("need 1 <= --jpeg-quality <= 100 and --image-size >= 8")
     if cfg.image_key and len(cfg.json_keys) != 1:
         raise ValueError("with --image-key, --json-keys names one field: the caption")
+    if cfg.image_dedup_distance is not None and not (cfg.image_key and 0 <= cfg.image_dedup_distance <= BANDS - 1):
+        raise ValueError(f"--dedup-image-distance is for image-text pairs (--image-key), 0-{BANDS - 1} bits of "
+                         f"their 64-bit image hashes, got {cfg.image_dedup_distance}")
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}")
     if cfg.task and cfg.task not in REQUIRED_FIELDS:
@@ -879,7 +898,8 @@ def preprocess(cfg: PreprocessConfig) -> Stats:
             print(f"skipped ({EMPTY_FILE}) {f}", file=sys.stderr)
     stats.seconds = time.perf_counter() - start
     if sharded:
-        dedup = {"exact": cfg.exact_dedup, "near": cfg.near_dedup} if cfg.global_dedup else None
+        exact, near, hamming = cfg.dedup
+        dedup = {"exact": exact, "near": near, "hamming": hamming} if cfg.global_dedup else None
         write_manifest(cfg.manifest_path, digest, cfg.shard_index, cfg.num_shards, chunks, names, stats.to_dict(),
                        dedup)
     return stats
