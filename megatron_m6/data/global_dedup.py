@@ -93,9 +93,11 @@ class KeysWriter:
         with open(path, "rb") as f:
             shutil.copyfileobj(f, self._file, 16 << 20)
 
-    def sync(self) -> int:
+    def sync(self, durable: bool = True) -> int:
+        """As IndexedDatasetWriter.sync: the size written so far, handed to the OS (and disk)."""
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if durable:
+            os.fsync(self._file.fileno())
         return self._file.tell()
 
 

@@ -310,11 +310,13 @@ class IndexedDatasetWriter:
                     self._file.write(piece)
                     start += len(piece)
 
-    def sync(self) -> dict:
-        """Put the .bin on disk and return what was added since the last sync: a record that
-        lets `resume` continue from here after a kill (data/journal.py)."""
+    def sync(self, durable: bool = True) -> dict:
+        """Hand the .bin to the OS (a killed process loses nothing then), and with durable, to
+        the disk; return what was added since the last sync: a record that lets `resume`
+        continue from here (data/journal.py)."""
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if durable:
+            os.fsync(self._file.fileno())
         items, docs, modes = self._synced
         self._synced = (len(self._lengths), len(self._doc_index), len(self._modes))
         return {"bin_bytes": self._file.tell(), "lengths": self._lengths[items:].tobytes(),

@@ -52,7 +52,7 @@ from megatron_m6.data.images import (
     prepare_image,
 )
 from megatron_m6.data.indexed import MULTIMODAL_DTYPE, IndexedDatasetWriter, merge_datasets, tmp_bin_path, token_dtype
-from megatron_m6.data.journal import Journal
+from megatron_m6.data.journal import SYNC_SECONDS, Journal
 from megatron_m6.data.shards import (
     completed,
     describe_inputs,
@@ -793,6 +793,7 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
         pool = stack.enter_context(Pool(cfg.workers, _init_worker, (cfg,)))
         window = ReadAhead(4 * cfg.workers)
         stack.callback(window.close)  # runs before the pool's exit
+        last_sync = time.perf_counter()
         for res in pool.imap(process_chunk, read_chunks(chunks, cfg, window, len(done))):
             window.give()
             _count_skipped(stats, res, lines_before[res.path] + 1, logged, bar.write)
@@ -808,11 +809,13 @@ def _run_partition(cfg: PreprocessConfig, chunks: list[Chunk], suffix: str, posi
                 if global_keys:
                     keys[key].add(out.digests, out.minhash, keep)
             if journal:
+                durable = time.perf_counter() - last_sync >= SYNC_SECONDS
+                last_sync = time.perf_counter() if durable else last_sync
                 journal.append({"path": res.path, "lines_before": lines_before[res.path], "stats": stats.to_dict(),
                                 "examples": list(stats.examples),
-                                "outputs": {k: {"writer": writers[k].sync(), **kept.get(k, _NOTHING_KEPT),
-                                                "keys_bytes": keys[k].sync() if global_keys else None}
-                                            for k in names}})
+                                "outputs": {k: {"writer": writers[k].sync(durable), **kept.get(k, _NOTHING_KEPT),
+                                                "keys_bytes": keys[k].sync(durable) if global_keys else None}
+                                            for k in names}}, durable)
             bar.update(res.num_bytes, stats)
             if cfg.with_images and stats.lines >= ROWS_BEFORE_BAD_FRACTION_STOP:
                 _check_bad_images(stats, cfg)

@@ -12,7 +12,10 @@ Measures, on data generated here (nothing downloaded):
   seq 512, 224 px images decoded in the workers) with 1 and 2 workers;
 - the readers of the other corpus formats against plain jsonl, 2 workers each, on the same rows:
   text as jsonl.gz, jsonl.zst and parquet (MB/s of the uncompressed jsonl), and image-text pairs as
-  parquet with the image bytes and as a webdataset tar (images/s).
+  parquet with the image bytes and as a webdataset tar (images/s);
+- the sharded path: one run against 2 and 4 shards in sequence (MB/s per shard), the merge's
+  global deduplication, and the deduplication of 1M documents' keys (seconds, peak memory) at a
+  4 GB and a 64 MB budget.
 
     python tools/bench/data_pipeline.py --only formats   # one part
 """
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -235,14 +239,80 @@ def bench_formats(tmp: str, megabytes: float, n: int) -> dict:
         cfg = PreprocessConfig(inputs=[path], output_prefix=os.path.join(tmp, f"fmt_pairs_{name}"), image_key="image",
                                image_size=224, workers=2, progress=False)
         out[f"images_per_s_{name}"] = round(_rate(cfg, n))
-    for kind, unit in (("text_mb_per_s", "jsonl"), ("images_per_s", "jsonl")):
-        base = out[f"{kind}_{unit}"]
-        for key in [k for k in out if k.startswith(kind) and not k.endswith(unit)]:
-            out[key.replace(kind, "ratio")] = round(out[key] / base, 2)
+    for kind, prefix in (("text_mb_per_s", "text"), ("images_per_s", "images")):
+        base = out[f"{kind}_jsonl"]
+        for key in [k for k in out if k.startswith(kind) and not k.endswith("jsonl")]:
+            out[key.replace(kind, f"{prefix}_ratio")] = round(out[key] / base, 2)
     return out
 
 
-PARTS = ("text", "images", "loader", "formats")
+def bench_sharded(tmp: str, megabytes: float) -> dict:
+    """The sharded path: the same corpus as one run and as 2 and 4 shards in sequence (1 worker
+    each, so the rates compare), each shard's MB/s over the one run's, and the fixed cost of a
+    run (on 10 kB); then the merge with its
+    global deduplication (time, peak traced allocations); then the deduplication alone on 1M
+    documents' synthetic keys at two memory budgets."""
+    import tracemalloc
+
+    from megatron_m6.data.global_dedup import KEY_RECORD, drop_reasons, keys_path, merge_deduplicated
+
+    path = os.path.join(tmp, "shard.jsonl")
+    make_text(path, megabytes, seed=2)
+    size = os.path.getsize(path) / 1e6
+    one = PreprocessConfig(inputs=[path], output_prefix=os.path.join(tmp, "one"), progress=False)
+    out = {"input_mb": round(size, 1), "mb_per_s_one_run": round(_rate(one, size), 2)}
+    tiny = os.path.join(tmp, "tiny.jsonl")
+    make_text(tiny, 0.01, seed=3)
+    start = time.perf_counter()  # what every run costs besides its data: the pool, the vocabulary, the outputs
+    preprocess(replace(one, inputs=[tiny], output_prefix=os.path.join(tmp, "tiny")))
+    out["seconds_per_run_fixed"] = round(time.perf_counter() - start, 2)
+    for n in (2, 4):
+        rates = []
+        for i in range(n):
+            cfg = replace(one, output_prefix=os.path.join(tmp, f"sh{n}"), num_shards=n, shard_index=i)
+            start = time.perf_counter()
+            stats = preprocess(cfg)
+            rates.append(stats.bytes / 1e6 / (time.perf_counter() - start))
+        out[f"mb_per_s_per_shard_{n}_shards"] = [round(r, 2) for r in rates]
+        out[f"ratio_mean_shard_to_one_run_{n}_shards"] = round(float(np.mean(rates)) / out["mb_per_s_one_run"], 2)
+    (name,) = replace(one, output_prefix=os.path.join(tmp, "sh4"), num_shards=4).output_names().values()
+    shards = [name[:-len(".shard-00000-of-00004")] + f".shard-{i:05d}-of-00004" for i in range(4)]
+    docs = sum(os.path.getsize(keys_path(s)) for s in shards) // KEY_RECORD.itemsize
+    start = time.perf_counter()
+    merge_deduplicated(shards, os.path.join(tmp, "merged"), True, True, 4 << 30)
+    out["merge_documents"], out["merge_seconds"] = docs, round(time.perf_counter() - start, 2)
+    # One million documents' keys, with copies and shared band keys, in 4 shards.
+    rng = np.random.default_rng(0)
+    n = 1_000_000
+    keys = np.zeros(n, KEY_RECORD)
+    keys["digest"] = np.frombuffer(rng.bytes(16 * n), "V16")
+    keys["bands"] = rng.integers(1, 2**63, (n, 8), dtype=np.uint64)
+    keys["sig"] = rng.integers(0, 2**16, (n, 64), dtype=np.uint16)
+    later = np.flatnonzero(rng.random(n) < 0.3)[1:]
+    earlier = (rng.random(len(later)) * later).astype(np.int64)
+    copies = rng.random(len(later)) < 1 / 3  # 10% exact copies, 20% sharing two band keys
+    keys[later[copies]] = keys[earlier[copies]]
+    near, src = later[~copies], earlier[~copies]
+    keys["bands"][near, :2] = keys["bands"][src, :2]
+    keys["sig"][near, :48] = keys["sig"][src, :48]
+    prefixes = []
+    for i, part in enumerate(np.array_split(keys, 4)):
+        prefixes.append(os.path.join(tmp, f"keys{i}"))
+        part.tofile(keys_path(prefixes[-1]))
+    for label, budget in (("4gb", 4 << 30), ("64mb", 64 << 20)):
+        folder = tempfile.mkdtemp(dir=tmp)
+        start = time.perf_counter()
+        drop_reasons(prefixes, True, True, budget, folder)
+        out[f"dedup_1m_seconds_{label}"] = round(time.perf_counter() - start, 2)
+        folder = tempfile.mkdtemp(dir=tmp)
+        tracemalloc.start()
+        drop_reasons(prefixes, True, True, budget, folder)
+        out[f"dedup_1m_peak_mb_{label}"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+        tracemalloc.stop()
+    return out
+
+
+PARTS = ("text", "images", "loader", "formats", "sharded")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         results = {"cpu_cores": os.cpu_count()}
         run = {"text": lambda: bench_text(tmp, args.text_mb), "images": lambda: bench_images(tmp, args.images),
                "loader": lambda: bench_loader(tmp, args.batches),
-               "formats": lambda: bench_formats(tmp, args.text_mb / 2, args.images)}
+               "formats": lambda: bench_formats(tmp, args.text_mb / 2, args.images),
+               "sharded": lambda: bench_sharded(tmp, 2 * args.text_mb)}
         for part in PARTS:
             if part in args.only:
                 results[part] = run[part]()
