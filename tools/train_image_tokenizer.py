@@ -1,0 +1,228 @@
+"""Train the VQ-VAE image tokenizer (megatron_m6/vision/vq.py) on images.
+
+    python tools/train_image_tokenizer.py --data data/indexed/pairs_text_image --preset vq-sample \
+        --train-iters 2000 --save checkpoints/vq --tensorboard-dir runs/vq
+    torchrun --nproc-per-node 8 tools/train_image_tokenizer.py --data /data/images/ --preset vq-f8-8192 ...
+
+--data is the image-text indexed dataset tools/preprocess_data.py builds (every image item), or
+a folder of images (.jpg/.jpeg/.png/.webp, recursively; an unreadable one is skipped and counted).
+Under torchrun each rank takes its share of every batch (gloo on CPU, NCCL on GPUs); the codebook
+is kept equal on every rank by the quantizer itself, and checked at each save. The log and
+TensorBoard get the losses, the codebook usage (distinct codes in the batch) and perplexity, and
+TensorBoard every --log-interval a grid of inputs over their reconstructions. --save writes
+SAVE/tokenizer.pt (weights, codebook, optimizer, iteration, config) atomically; --load resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageOps
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # uninstalled repo
+
+from megatron_m6.data.images import resize_and_crop, to_rgb  # noqa: E402
+from megatron_m6.data.indexed import IMAGE_MODE, IndexedDataset, dataset_exists  # noqa: E402
+from megatron_m6.vision import VQ_PRESETS, VQVAE, VQConfig, codebook_usage  # noqa: E402
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+CHECKPOINT = "tokenizer.pt"
+
+
+class ImageSource:
+    """The images of an indexed dataset or a folder, as encoded bytes by index."""
+
+    def __init__(self, path: str):
+        if os.path.isdir(path):
+            self.files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                                if f.lower().endswith(IMAGE_SUFFIXES))
+            self.dataset, self.items = None, None
+        elif dataset_exists(path):
+            self.files, self.dataset = None, IndexedDataset(path)
+            modes = self.dataset.sequence_modes
+            self.items = np.flatnonzero(modes == IMAGE_MODE) if modes is not None else np.zeros(0, np.int64)
+        else:
+            raise FileNotFoundError(f"--data {path} is neither a folder of images nor an indexed dataset")
+        if not len(self):
+            raise ValueError(f"--data {path} holds no image")
+
+    def __len__(self) -> int:
+        return len(self.files) if self.files is not None else len(self.items)
+
+    def __getitem__(self, i: int) -> bytes:
+        if self.files is not None:
+            with open(self.files[i], "rb") as f:
+                return f.read()
+        return self.dataset.image_bytes(int(self.items[i]))
+
+
+def to_tensor(data: bytes, size: int) -> torch.Tensor | None:
+    """size x size RGB in [-1, 1], [3, size, size], resized and cropped as preprocessing does;
+    None for an image Pillow cannot read."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = resize_and_crop(to_rgb(ImageOps.exif_transpose(img)), size)
+    except (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError, KeyError):
+        return None  # what Pillow raises on unreadable or truncated files
+    pixels = np.asarray(img, dtype=np.float32)
+    return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+
+
+def batches(source: ImageSource, size: int, batch: int, rank: int, world: int, seed: int, start: int,
+            skipped: list[int]):
+    """This rank's share of each global batch, epoch after epoch over a seeded shuffle; batch
+    `start` first (a resume). An unusable image is replaced by the next one and counted."""
+    per_rank = batch // world
+    step = start
+    while True:
+        order = np.random.default_rng([seed, step * batch // len(source)]).permutation(len(source))
+        first = (step * batch) % len(source)
+        picks = [order[(first + rank * per_rank + j) % len(source)] for j in range(per_rank)]
+        images = []
+        for i in picks:
+            for k in range(len(source)):
+                t = to_tensor(source[(i + k) % len(source)], size)
+                if t is not None:
+                    break
+                skipped[0] += 1
+            else:
+                raise ValueError("no image of --data could be read")
+            images.append(t)
+        yield torch.stack(images)
+        step += 1
+
+
+def save(model: torch.nn.Module, opt: torch.optim.Optimizer, iteration: int, cfg: VQConfig, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, CHECKPOINT)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": iteration,
+                "config": dataclasses.asdict(cfg)}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_tokenizer(folder: str, device: str = "cpu") -> VQVAE:
+    """A trained tokenizer from SAVE/tokenizer.pt, in eval mode."""
+    state = torch.load(os.path.join(folder, CHECKPOINT), map_location=device, weights_only=True)
+    model = VQVAE(VQConfig(**state["config"])).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _check_same_codebook(model: VQVAE) -> None:
+    if dist.is_initialized():
+        mine = model.quantizer.codebook.clone()
+        theirs = mine.clone()
+        dist.broadcast(theirs, 0)
+        diverged = torch.tensor(float((mine != theirs).any()), device=mine.device)
+        dist.all_reduce(diverged)
+        if diverged.item():
+            raise RuntimeError("the codebook differs between ranks (a bug: the quantizer all-reduces its updates)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--data", required=True, help="an image-text indexed dataset prefix, or a folder of images")
+    p.add_argument("--preset", choices=VQ_PRESETS, default="vq-sample")
+    p.add_argument("--image-size", type=int, help="override the preset's")
+    p.add_argument("--codebook-size", type=int, help="override the preset's")
+    p.add_argument("--channels", type=int, help="override the preset's first-stage width")
+    p.add_argument("--code-dim", type=int, help="override the preset's")
+    p.add_argument("--train-iters", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=32, help="global, split over the ranks")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--save", help="folder for tokenizer.pt")
+    p.add_argument("--save-interval", type=int, default=500)
+    p.add_argument("--load", help="resume from this folder's tokenizer.pt")
+    p.add_argument("--tensorboard-dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        overrides = {k: v for k, v in (("image_size", a.image_size), ("codebook_size", a.codebook_size),
+                                       ("channels", a.channels), ("code_dim", a.code_dim)) if v is not None}
+        cfg = dataclasses.replace(VQ_PRESETS[a.preset], **overrides)
+        if a.batch_size % world:
+            raise ValueError(f"--batch-size {a.batch_size} does not split over {world} ranks")
+        source = ImageSource(a.data)
+        train(a, cfg, source, rank, world, device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(a: argparse.Namespace, cfg: VQConfig, source: ImageSource, rank: int, world: int, device: str) -> None:
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    model = VQVAE(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    start = 0
+    if a.load:
+        state = torch.load(os.path.join(a.load, CHECKPOINT), map_location=device, weights_only=True)
+        if state["config"] != dataclasses.asdict(cfg):
+            raise ValueError(f"{a.load} holds a tokenizer of another configuration: {state['config']}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["iteration"]
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    writer = None
+    if a.tensorboard_dir and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(a.tensorboard_dir)
+    if rank == 0:
+        print(f"VQ-VAE {cfg} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(source)} images, {world} rank(s) on {device}", flush=True)
+    skipped = [0]
+    data = batches(source, cfg.image_size, a.batch_size, rank, world, a.seed, start, skipped)
+    t0 = time.perf_counter()
+    for iteration in range(start + 1, a.train_iters + 1):
+        images = next(data).to(device)
+        out = ddp(images)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        if iteration % a.log_interval == 0 or iteration == a.train_iters:
+            used, perplexity = codebook_usage(out["codes"], cfg.codebook_size)
+            if rank == 0:
+                rate = (iteration - start) * a.batch_size / (time.perf_counter() - t0)
+                print(f"iteration {iteration:6d}/{a.train_iters} | loss {out['loss'].item():.4f} | reconstruction "
+                      f"{out['reconstruction_loss'].item():.4f} | commitment {out['commitment_loss'].item():.4f} | "
+                      f"codes used {used}/{cfg.codebook_size} | perplexity {perplexity:.1f} | "
+                      f"{rate:.1f} images/s | skipped images {skipped[0]}", flush=True)
+            if writer:
+                for name in ("loss", "reconstruction_loss", "commitment_loss"):
+                    writer.add_scalar(f"vq/{name}", out[name].item(), iteration)
+                writer.add_scalar("vq/codes_used", used, iteration)
+                writer.add_scalar("vq/perplexity", perplexity, iteration)
+                grid = torch.cat([images[:8], out["recon"][:8].detach().clamp(-1, 1)])
+                writer.add_images("vq/inputs_over_reconstructions", (grid + 1) / 2, iteration)
+        if a.save and (iteration % a.save_interval == 0 or iteration == a.train_iters):
+            _check_same_codebook(model)
+            if rank == 0:
+                save(model, opt, iteration, cfg, a.save)
+    if writer:
+        writer.close()
+
+
+if __name__ == "__main__":
+    main()
