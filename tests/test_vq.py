@@ -179,3 +179,18 @@ def test_the_training_tool_counts_unreadable_images_and_refuses_missing_data(tmp
     missing = run_tool(["--data", str(tmp_path / "nothing"), "--train-iters", "2", *TINY])
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == (
         f"error: --data {tmp_path / 'nothing'} is neither a folder of images nor an indexed dataset")
+
+
+def test_the_training_tool_reads_the_image_items_of_an_indexed_dataset(tmp_path):
+    from megatron_m6.data.preprocess import PreprocessConfig, preprocess
+    from megatron_m6.data.sample_data import make_sample_data
+
+    make_sample_data(str(tmp_path / "data"), num_train_images=10, num_test_images=1, num_text_docs=5)
+    cfg = PreprocessConfig(inputs=[str(tmp_path / "data" / "captions_train.jsonl")], output_prefix=str(tmp_path / "p"),
+                           image_key="image", image_size=64, vocab_file=str(tmp_path / "data" / "vocab.txt"),
+                           progress=False)
+    preprocess(cfg)
+    (prefix,) = cfg.output_names().values()
+    done = run_tool(["--data", prefix, "--train-iters", "2", *TINY])
+    assert done.returncode == 0, done.stderr
+    assert "10 images, 1 rank(s)" in done.stdout and "skipped images 0" in done.stdout
