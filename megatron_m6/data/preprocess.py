@@ -623,14 +623,18 @@ def _not_duplicates(dedup: Deduplicator, out: Output, stats: Stats) -> np.ndarra
     """Which documents of a chunk's output are new (the deduplicator then remembers them); the
     duplicates are counted as skipped, by reason."""
     keep = np.ones(len(out.doc_items), dtype=bool)
-    no_bands = np.zeros(1, np.uint64)  # without MinHash keys only exact duplicates are found
-    for j, doc_digest in enumerate(out.digests):
-        reason = (dedup.check(doc_digest, no_bands) if out.minhash is None else
-                  dedup.check(doc_digest, out.minhash[0][j], out.minhash[1][j]))
+    for j, reason in enumerate(_check_all(dedup, out.digests, out.minhash)):
         if reason:
             keep[j] = False
             stats.skipped[reason] += 1
     return keep
+
+
+def _check_all(dedup: Deduplicator, digests: list[bytes], minhash) -> list[str | None]:
+    """The deduplicator's verdict on each document, in order."""
+    no_bands = np.zeros(1, np.uint64)  # without MinHash keys only exact duplicates are found
+    return [dedup.check(d, no_bands) if minhash is None else dedup.check(d, minhash[0][j], minhash[1][j])
+            for j, d in enumerate(digests)]
 
 
 def _count_kept(stats: Stats, name: str, out: Output, keep: np.ndarray) -> None:
@@ -722,12 +726,9 @@ def _dedup_keys(out: Output, keep: np.ndarray) -> dict:
 
 
 def _replay(dedup: Deduplicator, keys: dict) -> None:
-    no_bands = np.zeros(1, np.uint64)
-    for j, doc_digest in enumerate(keys["digests"]):
-        minhash = keys["minhash"]
-        reason = dedup.check(doc_digest, no_bands) if minhash is None else \
-            dedup.check(doc_digest, minhash[0][j], minhash[1][j])
-        assert (reason is None) == keys["keep"][j], "the journal disagrees with its own deduplication"
+    reasons = _check_all(dedup, keys["digests"], keys["minhash"])
+    assert [r is None for r in reasons] == [bool(k) for k in keys["keep"]], \
+        "the journal disagrees with its own deduplication"
 
 
 def _open_journal(cfg: PreprocessConfig, chunks: list[Chunk], names: dict[str, str], log) -> Journal:
