@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_m6.data.sample_data import draw_scene
-from megatron_m6.vision import VQVAE, EMAQuantizer, VQConfig, codebook_usage
+from megatron_m6.vision import VQVAE, EMAQuantizer, VQConfig, codebook_usage, load_image_tokenizer
 
 
 def quantizer(k: int = 8, dim: int = 5, **kw) -> EMAQuantizer:
@@ -148,7 +148,6 @@ def test_the_training_tool_runs_data_parallel_saves_resumes_and_logs(tmp_path):
     import sys
 
     sys.path.insert(0, str(REPO / "tools"))
-    from train_image_tokenizer import load_tokenizer
 
     rng = random.Random(0)
     (tmp_path / "images" / "sub").mkdir(parents=True)
@@ -165,7 +164,7 @@ def test_the_training_tool_runs_data_parallel_saves_resumes_and_logs(tmp_path):
     assert "iteration      6/6" in again.stdout and "iteration      2/" not in again.stdout
     state = torch.load(f"{save}/tokenizer.pt", weights_only=True)
     assert state["iteration"] == 6
-    model = load_tokenizer(save)
+    model = load_image_tokenizer(save)
     assert model.encode(shapes(3, 48, 0)).shape == (3, 6, 6)
 
 

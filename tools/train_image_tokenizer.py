@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from megatron_m6.data.images import resize_and_crop, to_rgb  # noqa: E402
 from megatron_m6.data.indexed import IMAGE_MODE, IndexedDataset, dataset_exists  # noqa: E402
 from megatron_m6.vision import VQ_PRESETS, VQVAE, VQConfig, codebook_usage  # noqa: E402
+from megatron_m6.vision.vq import TOKENIZER_FILE  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-CHECKPOINT = "tokenizer.pt"
 
 
 class ImageSource:
@@ -103,18 +103,10 @@ def batches(source: ImageSource, size: int, batch: int, rank: int, world: int, s
 
 def save(model: torch.nn.Module, opt: torch.optim.Optimizer, iteration: int, cfg: VQConfig, folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, CHECKPOINT)
+    path = os.path.join(folder, TOKENIZER_FILE)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": iteration,
                 "config": dataclasses.asdict(cfg)}, path + ".tmp")
     os.replace(path + ".tmp", path)
-
-
-def load_tokenizer(folder: str, device: str = "cpu") -> VQVAE:
-    """A trained tokenizer from SAVE/tokenizer.pt, in eval mode."""
-    state = torch.load(os.path.join(folder, CHECKPOINT), map_location=device, weights_only=True)
-    model = VQVAE(VQConfig(**state["config"])).to(device)
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 def _check_same_codebook(model: VQVAE) -> None:
@@ -177,7 +169,7 @@ def train(a: argparse.Namespace, cfg: VQConfig, source: ImageSource, rank: int, 
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     start = 0
     if a.load:
-        state = torch.load(os.path.join(a.load, CHECKPOINT), map_location=device, weights_only=True)
+        state = torch.load(os.path.join(a.load, TOKENIZER_FILE), map_location=device, weights_only=True)
         if state["config"] != dataclasses.asdict(cfg):
             raise ValueError(f"{a.load} holds a tokenizer of another configuration: {state['config']}")
         model.load_state_dict(state["model"])

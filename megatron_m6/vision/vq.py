@@ -13,7 +13,9 @@ same codebook.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -204,6 +206,64 @@ class VQVAE(nn.Module):
         commitment = F.mse_loss(rows, self.quantizer.codebook[codes].detach())
         return {"recon": recon, "codes": codes.reshape(b, h, w), "reconstruction_loss": reconstruction,
                 "commitment_loss": commitment, "loss": reconstruction + self.cfg.commitment * commitment}
+
+
+TOKENIZER_FILE = "tokenizer.pt"  # what tools/train_image_tokenizer.py saves in its --save folder
+
+
+class ImageTokenizerError(ValueError):
+    """An image tokenizer checkpoint that is missing, unreadable, or not the one data was made with."""
+
+
+@dataclass(frozen=True)
+class ImageTokenizerInfo:
+    """What an image-code dataset or a model must agree on with its tokenizer: the codebook size,
+    the grid (codes per side), the image size, and a digest of the codebook and decoder weights, so
+    codes are never decoded by another tokenizer of the same shape."""
+
+    codebook_size: int
+    grid: int
+    image_size: int
+    sha256: str
+
+    def mismatch(self, other: ImageTokenizerInfo) -> str | None:
+        """None when the two agree, else a phrase saying how they differ."""
+        for name in ("codebook_size", "grid", "image_size", "sha256"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{name} {theirs} where {mine} was expected"
+        return None
+
+
+def tokenizer_info(model: VQVAE) -> ImageTokenizerInfo:
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        if name.startswith(("quantizer.codebook", "decoder.")):
+            digest.update(name.encode())
+            digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    cfg = model.cfg
+    return ImageTokenizerInfo(cfg.codebook_size, cfg.grid, cfg.image_size, digest.hexdigest())
+
+
+def tokenizer_path(path: str) -> str:
+    """The checkpoint file of `path`: tools/train_image_tokenizer.py's --save folder, or the file."""
+    return os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+
+
+def load_image_tokenizer(path: str, device: str | torch.device = "cpu") -> VQVAE:
+    """A trained tokenizer (a --save folder or its tokenizer.pt), in eval mode; one clear error
+    for a missing or unreadable checkpoint."""
+    file = tokenizer_path(path)
+    if not os.path.isfile(file):
+        raise ImageTokenizerError(f"image tokenizer {path} not found (train one with tools/train_image_tokenizer.py)")
+    try:
+        state = torch.load(file, map_location=device, weights_only=True)
+        model = VQVAE(VQConfig(**state["config"])).to(device)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError) as e:
+        raise ImageTokenizerError(f"image tokenizer {file} cannot be read ({type(e).__name__}: {e})") from None
+    return model.eval()
 
 
 def codebook_usage(codes: torch.Tensor, codebook_size: int) -> tuple[int, float]:
