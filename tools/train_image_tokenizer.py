@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import os
 import random
 import sys
@@ -26,13 +25,11 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # uninstalled repo
 
-from megatron_m6.data.images import resize_and_crop, to_rgb  # noqa: E402
 from megatron_m6.data.indexed import IMAGE_MODE, IndexedDataset, dataset_exists  # noqa: E402
-from megatron_m6.vision import VQ_PRESETS, VQVAE, VQConfig, codebook_usage  # noqa: E402
+from megatron_m6.vision import VQ_PRESETS, VQVAE, VQConfig, codebook_usage, image_tensor  # noqa: E402
 from megatron_m6.vision.vq import TOKENIZER_FILE  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -65,18 +62,6 @@ class ImageSource:
         return self.dataset.image_bytes(int(self.items[i]))
 
 
-def to_tensor(data: bytes, size: int) -> torch.Tensor | None:
-    """size x size RGB in [-1, 1], [3, size, size], resized and cropped as preprocessing does;
-    None for an image Pillow cannot read."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = resize_and_crop(to_rgb(ImageOps.exif_transpose(img)), size)
-    except (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError, KeyError):
-        return None  # what Pillow raises on unreadable or truncated files
-    pixels = np.asarray(img, dtype=np.float32)
-    return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
-
-
 def batches(source: ImageSource, size: int, batch: int, rank: int, world: int, seed: int, start: int,
             skipped: list[int]):
     """This rank's share of each global batch, epoch after epoch over a seeded shuffle; batch
@@ -90,7 +75,7 @@ def batches(source: ImageSource, size: int, batch: int, rank: int, world: int, s
         images = []
         for i in picks:
             for k in range(len(source)):
-                t = to_tensor(source[(i + k) % len(source)], size)
+                t = image_tensor(source[(i + k) % len(source)], size)
                 if t is not None:
                     break
                 skipped[0] += 1

@@ -1,5 +1,6 @@
 """The image tokenizer of text-to-image generation: a VQ-VAE turning images into grids of codes."""
 
+from megatron_m6.vision.pixels import image_tensor, tensor_to_image
 from megatron_m6.vision.vq import (
     VQ_PRESETS,
     VQVAE,
@@ -13,4 +14,4 @@ from megatron_m6.vision.vq import (
 )
 
 __all__ = ["VQ_PRESETS", "EMAQuantizer", "ImageTokenizerError", "ImageTokenizerInfo", "VQConfig", "VQVAE",
-           "codebook_usage", "load_image_tokenizer", "tokenizer_info"]
+           "codebook_usage", "image_tensor", "load_image_tokenizer", "tensor_to_image", "tokenizer_info"]
