@@ -11,6 +11,7 @@ Megatron's flags where they exist (--input, --output-prefix, --json-keys, --toke
 --vocab-file, --append-eod, --split-sentences, --workers, --partitions, --log-interval), plus the
 M6 corpus cleaning and image options. Bad lines and images are skipped, counted and reported;
 outputs appear only complete. Formats and rules: docs/DATA.md.
+Image-text pairs as image-tokenizer codes for text-to-image fine-tuning: tools/encode_image_codes.py.
 """
 
 from __future__ import annotations
