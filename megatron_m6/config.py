@@ -163,7 +163,7 @@ class RunConfig:
     pipeline_schedule: PipelineSchedule = "1f1b"  # interleaved with virtual stages
     distributed_timeout_minutes: float = 10.0  # a collective that waits longer fails (and dumps a trace)
     # Fine-tuning (python -m megatron_m6.finetune; megatron_m6/data/downstream.py has the tasks).
-    task: str | None = None  # caption, vqa, itm or text_generation
+    task: str | None = None  # caption, vqa, itm, text_generation or text_to_image
     train_data: str | None = None  # jsonl of the task
     valid_data: str | None = None
     pretrained_checkpoint: str | None = None  # weights to start from when --load holds none
@@ -174,6 +174,7 @@ class RunConfig:
     save_best: bool = False  # keep the checkpoint of the best validation metric in SAVE/best
     max_bad_fraction: float = 0.0  # rows whose image cannot be used, skipped up to this share
     text_only: bool = False  # drop the images: the baseline that shows the image is used
+    image_tokenizer: str | None = None  # text_to_image: its codes become tokens after the text vocabulary
     # Dry run: build one rank's real layout of a `world_size` job on the meta device, check it, exit.
     dry_run: bool = False
     world_size: int | None = None
@@ -391,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip rows whose image is missing or unreadable, up to this share (default 0)")
     g.add_argument("--text-only", action="store_true", default=None,
                    help="drop every image: the text-only baseline")
+    g.add_argument("--image-tokenizer", type=str,
+                   help="text_to_image: the image tokenizer (tools/train_image_tokenizer.py --save) whose codes "
+                        "--train-data holds; its [BOI], [EOI] and code tokens follow the text vocabulary")
     return p
 
 
@@ -608,7 +612,7 @@ def validate_data(cfg: RunConfig) -> None:
 
 
 FINETUNE_ONLY = ("train_data", "valid_data", "pretrained_checkpoint", "finetune", "epochs", "save_best",
-                 "max_bad_fraction", "text_only")
+                 "max_bad_fraction", "text_only", "image_tokenizer")
 
 
 def validate_finetune(cfg: RunConfig) -> None:
@@ -633,6 +637,12 @@ def validate_finetune(cfg: RunConfig) -> None:
         raise ConfigError("--save-best needs --save, --valid-data and --eval-interval")
     if not 0 <= cfg.max_bad_fraction < 1:
         raise ConfigError(f"--max-bad-fraction must be in [0, 1), got {cfg.max_bad_fraction}")
+    if (cfg.task == "text_to_image") != (cfg.image_tokenizer is not None):
+        raise ConfigError("--task text_to_image needs --image-tokenizer, and only it takes one")
+    if cfg.image_tokenizer is not None and not os.path.exists(cfg.image_tokenizer):
+        raise ConfigError(f"--image-tokenizer {cfg.image_tokenizer} does not exist")
+    if cfg.task == "text_to_image" and cfg.text_only:
+        raise ConfigError("--text-only drops input images; text_to_image has none to drop")
 
 
 def parse_args(argv: list[str] | None = None, entry: str = "pretrain") -> RunConfig:

@@ -31,11 +31,13 @@ from torch.utils.data import DataLoader
 from megatron_m6.config import ConfigError, RunConfig, parse_args
 from megatron_m6.data.downstream import (
     IMAGE_FINETUNE_TASKS,
+    TEXT_TO_IMAGE,
     DownstreamDataError,
     DownstreamDataset,
     open_examples,
     require_distractors,
 )
+from megatron_m6.data.image_codes import check_code_dataset
 from megatron_m6.data.task_spec import LAYOUT_SPECIAL_TOKENS
 from megatron_m6.evaluate import PRIMARY_METRIC, evaluate_task
 from megatron_m6.inference.generate import SamplingConfig
@@ -46,6 +48,7 @@ from megatron_m6.pretrain import load_tokenizer, setup
 from megatron_m6.training import checkpoint as ckpt
 from megatron_m6.training.checkpoint import CheckpointError
 from megatron_m6.training.trainer import Trainer, TrainingError
+from megatron_m6.vision import ImageTokenizerError, load_image_tokenizer, tokenizer_info
 
 EVAL_MAX_NEW_TOKENS = 32  # greedy, for the validation metric
 
@@ -174,6 +177,8 @@ def build(cfg: RunConfig, log=print) -> tuple[FinetuneTrainer, DataLoader]:
         raise ConfigError(f"--seq-length {cfg.seq_length} cannot hold a {cfg.task} sample ({n_img} image tokens, "
                           f"{LAYOUT_SPECIAL_TOKENS} special tokens and text)")
     read = lambda path: open_examples(path, cfg.task, tok, m.image_size, cfg.max_bad_fraction, cfg.text_only)
+    if cfg.task == TEXT_TO_IMAGE:
+        check_text_to_image(cfg, m.max_position_embeddings)
     train, summary = read(cfg.train_data)
     log(summary)
     valid = []
@@ -193,8 +198,22 @@ def build(cfg: RunConfig, log=print) -> tuple[FinetuneTrainer, DataLoader]:
                 DownstreamDataset(valid, seed=cfg.seed + 1, num_samples=n_eval, **common) if valid else None)
 
     trainer, loader = setup(cfg, log, datasets=datasets, start=start, trainer_class=FinetuneTrainer)
-    trainer.examples, trainer.tokenizer = valid, tok
+    # Text-to-image's metric samples and judges whole images (python -m megatron_m6.evaluate --task
+    # text_to_image): too slow for every --eval-interval, so its validation is the loss.
+    trainer.examples, trainer.tokenizer = ([] if cfg.task == TEXT_TO_IMAGE else valid), tok
     return trainer, loader
+
+
+def check_text_to_image(cfg: RunConfig, max_positions: int) -> None:
+    """The image-code datasets were made by --image-tokenizer, and its grid fits the positions."""
+    info = tokenizer_info(load_image_tokenizer(cfg.image_tokenizer))
+    for path in filter(None, (cfg.train_data, cfg.valid_data)):
+        check_code_dataset(path, info)
+    need = 5 + info.grid**2  # [CLS], a caption token, [SEP], [BOI], the codes, [EOI]
+    if need > min(cfg.seq_length, max_positions):
+        raise ConfigError(f"an image of {info.grid}x{info.grid} codes and its caption need at least {need} positions; "
+                          f"--seq-length is {cfg.seq_length} and --max-position-embeddings {max_positions} "
+                          "(grow a pretrained checkpoint's with tools/checkpoint/convert.py grow)")
 
 
 def run(cfg: RunConfig, log=print) -> FinetuneTrainer:
@@ -207,7 +226,7 @@ def run(cfg: RunConfig, log=print) -> FinetuneTrainer:
 def main(argv: list[str] | None = None) -> None:
     try:
         run(parse_args(argv, entry="finetune"))
-    except (ConfigError, DownstreamDataError) as e:
+    except (ConfigError, DownstreamDataError, ImageTokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (CheckpointError, TrainingError, FileNotFoundError) as e:

@@ -31,6 +31,7 @@ from megatron_m6.precision import PARAMS_DTYPES, compute_dtype
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError
 from megatron_m6.training.trainer import Trainer, TrainingError
+from megatron_m6.vision import ImageTokenizerError, load_image_tokenizer, tokenizer_info
 
 VOCAB_DIVISIBLE_BY = 128  # Megatron's --make-vocab-size-divisible-by: aligned, TP-splittable
 
@@ -85,11 +86,17 @@ def build_datasets(cfg: RunConfig, tok: M6Tokenizer | None):
 
 
 def load_tokenizer(cfg: RunConfig) -> M6Tokenizer | None:
-    """The tokenizer of a run on real data (None with --mock-data); the model's vocabulary is its
-    size padded to a multiple of VOCAB_DIVISIBLE_BY."""
+    """The tokenizer of a run on real data (None with --mock-data), with the image codes of
+    --image-tokenizer after its text; the model's vocabulary is its size padded to a multiple of
+    VOCAB_DIVISIBLE_BY."""
     if cfg.mock_data:
         return None
     tok = M6Tokenizer.from_vocab_file(cfg.vocab_file or DEFAULT_VOCAB_FILE)
+    if cfg.image_tokenizer:
+        try:
+            tok = tok.with_image_codes(tokenizer_info(load_image_tokenizer(cfg.image_tokenizer)).codebook_size)
+        except ImageTokenizerError as e:
+            raise ConfigError(str(e)) from None
     cfg.model.vocab_size = padded_vocab_size(tok.vocab_size)
     return tok
 

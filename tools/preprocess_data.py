@@ -84,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop, writing nothing, once more of the rows read have an image that cannot be "
                         "read (missing, corrupt, truncated): usually a wrong image root")
     g = p.add_argument_group("fine-tuning data")
-    g.add_argument("--task", choices=FINETUNE_TASKS,
+    g.add_argument("--task", choices=[t for t in FINETUNE_TASKS if t != "text_to_image"],
                    help="rows of this downstream task (its own fields, as megatron_m6.finetune reads "
                         "them) -> documents of [source, target] (and the image): PREFIX_TASK; "
-                        "no cleaning or deduplication, itm keeps its matched pairs")
+                        "no cleaning or deduplication, itm keeps its matched pairs (text_to_image's "
+                        "data: tools/encode_image_codes.py)")
     g = p.add_argument_group("sharded runs (a SLURM array: examples/preprocess_slurm.sh)")
     g.add_argument("--num-shards", type=int, default=DEFAULTS.num_shards,
                    help="build one of N deterministic parts of the input (by file and byte range) into "

@@ -221,7 +221,8 @@ def collate(samples: list[dict], seq_length: int, pad_id: int,
             image_size: int) -> dict[str, torch.Tensor]:
     """Pad samples to seq_length and derive the training targets from the layout: position i
     predicts token i+1, and the loss covers prefix_len-1 <= i < valid_len-1 (every target token
-    and the EOS)."""
+    and the EOS), or where a sample has a "loss_span" (first, end), the tokens first..end-1
+    (text-to-image's codes without [BOI] and [EOI])."""
     B, S = len(samples), seq_length
     tokens = torch.full((B, S), pad_id, dtype=torch.long)
     images = torch.zeros(B, 3, image_size, image_size)
@@ -235,8 +236,10 @@ def collate(samples: list[dict], seq_length: int, pad_id: int,
             has_image[b] = True
     prefix_len = torch.tensor([s["prefix_len"] for s in samples], dtype=torch.long)
     valid_len = torch.tensor([len(s["tokens"]) for s in samples], dtype=torch.long)
+    spans = [s.get("loss_span") or (s["prefix_len"], len(s["tokens"])) for s in samples]
+    first, end = (torch.tensor(x, dtype=torch.long) for x in zip(*spans))
     pos = torch.arange(S)
-    loss_mask = (pos >= prefix_len[:, None] - 1) & (pos < valid_len[:, None] - 1)
+    loss_mask = (pos >= first[:, None] - 1) & (pos < end[:, None] - 1)
     labels = torch.full_like(tokens, pad_id)
     labels[:, :-1] = tokens[:, 1:]
     labels.masked_fill_(~loss_mask, pad_id)

@@ -8,6 +8,7 @@ the source is read bidirectionally, the target is generated, and the loss covers
     vqa              image, question, answer         the question                the answer
     itm              image, text, label (1 or 0)     (nothing)                   the text
     text_generation  source, target                  the source                  the target
+    text_to_image    (indexed: caption, image codes) the caption                 [BOI] the codes [EOI]
 
 Image-text matching is generative: a pair's score is the mean log-likelihood of the text as the
 image's caption, log P(text | image) per token, and fine-tuning trains captioning on the matched
@@ -19,6 +20,11 @@ while the caption likelihood is what pretraining taught, so it works zero-shot, 
 weights and trains under every layout with the one loss. Its scores rank texts for one image and
 images for one text (accuracy: the matched text outscores every distractor of its image;
 retrieval recall@k), but are no calibrated probability of a match.
+
+Text-to-image reads images as the codes of an image tokenizer (tools/encode_image_codes.py writes
+them as documents [caption, codes], so training never runs the encoder): its target is `[BOI]`,
+the grid's codes in raster order as the tokens after the text vocabulary (ImageCodeTokens), and
+`[EOI]`, and its loss covers the codes alone, since [BOI] and [EOI] are known in advance.
 
 Data comes as jsonl, or for large sets as an indexed dataset that `tools/preprocess_data.py --task
 TASK` built from the same jsonl (IndexedExamples: token ids and JPEGs on disk, read when a sample
@@ -53,7 +59,8 @@ REQUIRED_FIELDS = {"caption": ("image", "caption"), "vqa": ("image", "question",
 # The pretraining task whose layout each fine-tuning task shares: its slot in the per-task loss
 # of the log line.
 LOSS_SLOT = {"caption": "captioning", "vqa": "mm_prefix_lm", "itm": "captioning",
-             "text_generation": "prefix_lm"}
+             "text_generation": "prefix_lm", "text_to_image": "prefix_lm"}
+TEXT_TO_IMAGE = "text_to_image"
 
 
 class DownstreamDataError(ValueError):
@@ -195,6 +202,8 @@ class IndexedExamples(Sequence):
         source = self.ds[first].tolist() if n_text == 2 else []
         target = self.ds[first + n_text - 1].tolist()
         image = self.ds.image_bytes(first + n_text) if self.with_image and not self.text_only else None
+        if self.task == TEXT_TO_IMAGE:  # the target is an image's codes, as their tokens
+            target = self.tok.image_codes.to_ids(target).tolist()
         text = self.tok.decode(target)
         return Example(self.tok.decode(source), text, image, [text], 1 if self.task == "itm" else None,
                        group=str(i), line=i + 1, source_ids=source, target_ids=target)
@@ -206,6 +215,9 @@ def open_examples(path: str, task: str, tok, image_size: int, max_bad_fraction: 
     (IndexedExamples), and a line saying what was read."""
     if task not in FINETUNE_TASKS:
         raise DownstreamDataError(f"unknown task {task!r}; tasks are {', '.join(FINETUNE_TASKS)}")
+    if task == TEXT_TO_IMAGE and not dataset_exists(path):
+        raise DownstreamDataError(f"{path}: text_to_image reads the image-code dataset tools/encode_image_codes.py "
+                                  "makes (PREFIX.idx, PREFIX.bin and PREFIX.image_codes.json)")
     if os.path.isfile(path):
         examples, report = load_examples(path, task, image_size, max_bad_fraction, text_only)
         return examples, report.summary(path)
@@ -239,6 +251,22 @@ def layout(example: Example, tok, seq_length: int, num_image_tokens: int,
     return (prefix + target + [tok.eos_id], len(prefix)) if with_target else (prefix, len(prefix))
 
 
+def text_to_image_layout(example: Example, tok, seq_length: int) -> tuple[list[int], int, tuple[int, int]]:
+    """(tokens, prefix_len, loss span) of `[CLS] caption [SEP] [BOI] codes [EOI]`: the caption is
+    the bidirectional prefix, the rest causal, and the loss covers the tokens in [first, end) of
+    the span, the codes. An image is never cut, and neither is its caption: one that does not fit
+    is an error."""
+    codes = tok.image_codes
+    source = tok.encode(example.source) if example.source_ids is None else example.source_ids
+    prefix = [tok.cls_id] + list(source) + [tok.sep_id]
+    tokens = prefix + [codes.boi_id] + list(example.target_ids) + [codes.eoi_id]
+    if len(tokens) > seq_length:
+        raise DownstreamDataError(f"a caption of {len(source)} tokens and {len(example.target_ids)} image codes "
+                                  f"need --seq-length {len(tokens)}, more than {seq_length} "
+                                  f"(example {example.line}: {example.source[:40]!r})")
+    return tokens, len(prefix), (len(prefix) + 1, len(tokens) - 1)
+
+
 def decode_image(jpeg: bytes, image_size: int) -> torch.Tensor:
     with Image.open(io.BytesIO(jpeg)) as img:
         return image_to_tensor(img, image_size)
@@ -256,7 +284,7 @@ class DownstreamDataset(Dataset):
             examples = [e for e in examples if e.label == 1]
         if not examples:
             raise DownstreamDataError(f"no {task} examples to train on")
-        self.examples, self.tok, self.seq_length = examples, tok, seq_length
+        self.examples, self.task, self.tok, self.seq_length = examples, task, tok, seq_length
         self.num_image_tokens, self.image_size, self.seed = num_image_tokens, image_size, seed
         self.num_samples, self.task_id = num_samples, TASK_NAMES.index(LOSS_SLOT[task])
         self._order: tuple[int, np.ndarray] | None = None
@@ -275,6 +303,10 @@ class DownstreamDataset(Dataset):
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
         example = self.examples[self.example_index(i)]
+        if self.task == TEXT_TO_IMAGE:
+            tokens, prefix_len, span = text_to_image_layout(example, self.tok, self.seq_length)
+            return {"tokens": torch.tensor(tokens, dtype=torch.long), "prefix_len": prefix_len,
+                    "task_id": self.task_id, "image": None, "loss_span": span}
         tokens, prefix_len = layout(example, self.tok, self.seq_length, self.num_image_tokens)
         image = None if example.image is None else decode_image(example.image, self.image_size)
         return {"tokens": torch.tensor(tokens, dtype=torch.long), "prefix_len": prefix_len,

@@ -11,7 +11,7 @@ TASK_NAMES = ("text_denoising", "prefix_lm", "captioning", "mm_denoising", "mm_p
 TEXT_TASKS = ("text_denoising", "prefix_lm")
 IMAGE_TASKS = ("captioning", "mm_denoising", "mm_prefix_lm")
 DENOISING_TASKS = ("text_denoising", "mm_denoising")
-FINETUNE_TASKS = ("caption", "vqa", "itm", "text_generation")  # downstream (data/downstream.py)
+FINETUNE_TASKS = ("caption", "vqa", "itm", "text_generation", "text_to_image")  # downstream (data/downstream.py)
 LAYOUT_SPECIAL_TOKENS = 3  # [CLS], [SEP] and [EOS] around source and target
 MIN_TEXT_TOKENS = 2  # prefix LM and span corruption need a token on each side
 

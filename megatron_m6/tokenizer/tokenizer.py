@@ -13,10 +13,12 @@ So "M6模型 is big" decodes to "m6模型 is big" and "今天很好，走吧！"
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -42,6 +44,43 @@ _EXTRA_SPACE_RE = re.compile(
     rf"|(?<=[{_IDEOGRAPHS}]) (?![a-z])"  # after a CJK character, unless a Latin word follows
     rf"|(?<![a-z]) (?=[{_IDEOGRAPHS}])"  # before a CJK character, unless after a Latin word
 )
+
+
+@dataclass(frozen=True)
+class ImageCodeTokens:
+    """The tokens of text-to-image, appended after the text vocabulary so that every text id (and
+    a text model's embedding rows) stays where it was: [BOI] and [EOI] around an image, then code
+    c of the image tokenizer's codebook as token first_code_id + c."""
+
+    text_vocab_size: int
+    codebook_size: int
+
+    @property
+    def boi_id(self) -> int:
+        return self.text_vocab_size
+
+    @property
+    def eoi_id(self) -> int:
+        return self.text_vocab_size + 1
+
+    @property
+    def first_code_id(self) -> int:
+        return self.text_vocab_size + 2
+
+    @property
+    def end_id(self) -> int:
+        """One past the last code token: the vocabulary's size with the codes."""
+        return self.first_code_id + self.codebook_size
+
+    def to_ids(self, codes: np.ndarray) -> np.ndarray:
+        return np.asarray(codes, dtype=np.int64) + self.first_code_id
+
+    def to_codes(self, ids: np.ndarray) -> np.ndarray:
+        """The codes of code tokens; a ValueError if any id is not one."""
+        codes = np.asarray(ids, dtype=np.int64) - self.first_code_id
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"ids outside the code tokens [{self.first_code_id}, {self.end_id})")
+        return codes
 
 
 def _pipeline(vocab: dict[str, int]) -> Tokenizer:
@@ -76,6 +115,7 @@ class M6Tokenizer:
             if len(token) == 1 and _BASIC_CJK_FIRST <= ord(token) <= _BASIC_CJK_LAST:
                 self._cjk_ids[ord(token) - _BASIC_CJK_FIRST] = i
         self._run_ids: dict[str, np.ndarray] = {}
+        self.image_codes: ImageCodeTokens | None = None  # with_image_codes
 
     @classmethod
     def from_vocab_file(cls, path: str) -> M6Tokenizer:
@@ -96,8 +136,22 @@ class M6Tokenizer:
         except ValueError as e:
             raise ValueError(f"vocab file {path}: {e}") from None
 
+    def with_image_codes(self, codebook_size: int) -> M6Tokenizer:
+        """This tokenizer with text-to-image's [BOI], [EOI] and `codebook_size` code tokens after
+        its text vocabulary (ImageCodeTokens); text encodes and decodes as before."""
+        if codebook_size < 1:
+            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        tok = copy.copy(self)
+        tok.image_codes = ImageCodeTokens(len(self._vocab), codebook_size)
+        return tok
+
     @property
     def vocab_size(self) -> int:
+        """Ids in use: the text vocabulary's, and the image-code tokens' if any."""
+        return self.image_codes.end_id if self.image_codes else len(self._vocab)
+
+    @property
+    def text_vocab_size(self) -> int:
         return len(self._vocab)
 
     @property
@@ -180,15 +234,20 @@ class M6Tokenizer:
         return [out[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        """Text of ids, spaced as the module docstring says; skip_special also drops "[UNK]"."""
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special)
+        """Text of ids, spaced as the module docstring says; skip_special also drops "[UNK]".
+        Image-code tokens have no text and are dropped."""
+        text = self._tok.decode([i for i in ids if i < len(self._vocab)], skip_special_tokens=skip_special)
         return _EXTRA_SPACE_RE.sub("", text)
 
     @property
     def digest(self) -> str:
         """sha256 of the vocabulary, tokens in order: checkpoints record it, so weights are never
-        paired with another vocabulary whose size happens to pad to the same embedding."""
-        return hashlib.sha256("\n".join(self._vocab).encode("utf-8")).hexdigest()
+        paired with another vocabulary whose size happens to pad to the same embedding. With image
+        codes, the digest of the text vocabulary and the codebook size together."""
+        text = hashlib.sha256("\n".join(self._vocab).encode("utf-8")).hexdigest()
+        if self.image_codes is None:
+            return text
+        return hashlib.sha256(f"{text}+image codes {self.image_codes.codebook_size}".encode()).hexdigest()
 
     def token_to_id(self, token: str) -> int:
         if token not in self._index:
