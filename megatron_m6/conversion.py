@@ -1,5 +1,6 @@
 """Checkpoint conversion, one tensor at a time: distributed checkpoint <-> consolidated
-safetensors release, and a torchvision ResNet-50 into the image encoder of a new checkpoint.
+safetensors release, a torchvision ResNet-50 into the image encoder of a new checkpoint, and a
+checkpoint grown to more vocabulary rows and positions (text-to-image's code tokens).
 
 A release is a folder: `config.json` (the ModelConfig fields), the weights as
 `model.safetensors` or, above the shard size, `model-0000K-of-0000N.safetensors` with
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from megatron_m6.config import ModelConfig
 from megatron_m6.model import M6, init_weights
+from megatron_m6.model.m6 import init_rules, init_values
 from megatron_m6.tokenizer import M6Tokenizer
 from megatron_m6.training.checkpoint import (
     CheckpointError,
@@ -286,9 +288,10 @@ class _StreamingSavePlanner(DefaultSavePlanner):
 
 
 def write_model_checkpoint(save_dir: str, cfg: ModelConfig, make: Callable[[str], torch.Tensor],
-                           progress: bool = True) -> str:
+                           progress: bool = True, meta: dict | None = None) -> str:
     """A model-only checkpoint (iteration 0) of an M6 with `cfg` under `save_dir`, every tensor
-    made by `make(name)`; published like a training checkpoint (tracker last)."""
+    made by `make(name)`, with `meta`'s entries added to its meta.pt; published like a training
+    checkpoint (tracker last)."""
     _refuse_existing(save_dir)
     with torch.device("meta"):
         shapes = M6(cfg).state_dict()
@@ -309,7 +312,7 @@ def write_model_checkpoint(save_dir: str, cfg: ModelConfig, make: Callable[[str]
     dcp.save({"model": shapes}, storage_writer=writer, planner=_StreamingSavePlanner(checked),
              no_dist=True)
     bar.close()
-    meta = {"iteration": 0, "consumed_samples": 0, "model_only": True,
+    meta = {**(meta or {}), "iteration": 0, "consumed_samples": 0, "model_only": True,
             "model_config": dataclasses.asdict(cfg), "world_size": None}
     _fsync_write(os.path.join(tmp, "meta.pt"), lambda f: torch.save(meta, f))
     return publish(save_dir, 0, keep_last=None)
@@ -380,3 +383,53 @@ def resnet_to_checkpoint(resnet_path: str, cfg: ModelConfig, seed: int, save_dir
         return cache[owner].state_dict()[leaf]
 
     return write_model_checkpoint(save_dir, cfg, make, progress)
+
+
+# -- growing a checkpoint's vocabulary and positions ---------------------------------------------
+GROWN_ROWS = ("embedding.word_emb.weight", "lm_head.weight", "embedding.pos_emb.weight")
+
+
+def _read_tensor(path: str, name: str, stored: TensorStorageMetadata) -> torch.Tensor:
+    state = {"model": {name: torch.empty(tuple(stored.size), dtype=stored.properties.dtype)}}
+    try:
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: reading {name} failed: {one_line_cause(e)}") from None
+    return state["model"][name]
+
+
+def grow_checkpoint(load_dir: str, save_dir: str, vocab_size: int, keep_vocab_rows: int,
+                    max_position_embeddings: int | None = None, seed: int = 0, meta: dict | None = None,
+                    progress: bool = True) -> str:
+    """The latest checkpoint of `load_dir` as a model-only checkpoint with `vocab_size` embedding
+    (and output) rows and at least `max_position_embeddings` learned positions. Rows below
+    `keep_vocab_rows` (the text vocabulary; above it lie padding rows that never trained) and
+    every old position keep their weights, so a text sequence gives the same hidden states and
+    text logits as before; new rows start as the rows of a fresh model of `seed` would."""
+    path, old_meta = latest_checkpoint(load_dir)
+    old = model_config_from_dict(old_meta["model_config"], f"{path}/meta.pt")
+    positions = max(old.max_position_embeddings, max_position_embeddings or 0)
+    cfg = dataclasses.replace(old, vocab_size=vocab_size, max_position_embeddings=positions)
+    if not keep_vocab_rows <= min(old.vocab_size, vocab_size):
+        raise ConversionError(f"cannot keep {keep_vocab_rows} vocabulary rows of {old.vocab_size} in {vocab_size}")
+    stored = {k.removeprefix("model."): v for k, v in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+              .items() if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+    with torch.device("meta"):
+        model = M6(cfg)
+    rules = {key: rule for key, _, rule in init_rules(model.named_modules(), cfg)}
+
+    def make(name: str) -> torch.Tensor:
+        source = EMBEDDING if name == TIED_HEAD and _tied(cfg) else name
+        if source not in stored:
+            raise ConversionError(f"{path} lacks {source}")
+        old_tensor = _read_tensor(path, source, stored[source])
+        if source not in GROWN_ROWS:
+            return old_tensor
+        keep = old.max_position_embeddings if source.endswith("pos_emb.weight") else keep_vocab_rows
+        shape = model.state_dict()[name].shape
+        grown = torch.empty(shape, dtype=old_tensor.dtype)
+        init_values(grown, source, shape, rules[source], seed)
+        grown[:keep] = old_tensor[:keep]
+        return grown
+
+    return write_model_checkpoint(save_dir, cfg, make, progress, meta)

@@ -6,6 +6,9 @@
     python tools/checkpoint/convert.py from-release --input releases/m6_base --output checkpoints/from_release
     # a fresh M6 whose image encoder is a torchvision ResNet-50 (model flags as for pretrain)
     python tools/checkpoint/convert.py resnet --input resnet50.pth --output checkpoints/start -- --preset m6-base
+    # a checkpoint with text-to-image's [BOI], [EOI] and image-code tokens after its text vocabulary
+    python tools/checkpoint/convert.py grow --load checkpoints/m6_tiny --output checkpoints/m6_tiny_t2i \
+        --image-tokenizer checkpoints/vq --max-position-embeddings 160
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from megatron_m6.conversion import (
     DTYPES,
     ConversionError,
     checkpoint_to_release,
+    grow_checkpoint,
     release_to_checkpoint,
     resnet_to_checkpoint,
 )
 from megatron_m6.pretrain import padded_vocab_size
 from megatron_m6.tokenizer import DEFAULT_VOCAB_FILE, M6Tokenizer
 from megatron_m6.training.checkpoint import CheckpointError, latest_checkpoint
+from megatron_m6.vision import ImageTokenizerError, load_image_tokenizer, tokenizer_info
 
 
 def parse_size(text: str) -> int:
@@ -59,7 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
     resnet.add_argument("--output", required=True, help="--save-style folder to create")
     resnet.add_argument("model_flags", nargs=argparse.REMAINDER,
                         help="after --: pretrain's model flags (--preset, --seed, --vocab-file, ...)")
+    grow = sub.add_parser("grow", help="checkpoint -> one with text-to-image's code tokens (and more positions)")
+    grow.add_argument("--load", required=True, help="a --save folder (the latest checkpoint is taken)")
+    grow.add_argument("--output", required=True, help="--save-style folder to create")
+    grow.add_argument("--image-tokenizer", required=True,
+                      help="the image tokenizer whose [BOI], [EOI] and codes follow the text vocabulary")
+    grow.add_argument("--max-position-embeddings", type=int,
+                      help="learned positions to grow to (an image's codes and its caption must fit)")
+    grow.add_argument("--vocab-file", help="the text vocabulary (default: the one training used)")
     return p
+
+
+def grow_for_image_codes(args: argparse.Namespace) -> str:
+    """--load's checkpoint with the code tokens of --image-tokenizer after its text vocabulary,
+    which must be the one it was trained with."""
+    _, meta = latest_checkpoint(args.load)
+    vocab = args.vocab_file or training_vocab(args.load)
+    if vocab is None:
+        raise ConversionError(f"{args.load} is a --mock-data run: it has no text vocabulary to keep")
+    text = M6Tokenizer.from_vocab_file(vocab)
+    if meta.get("vocab_sha256") not in (None, text.digest):
+        raise ConversionError(f"{args.load} was not trained with the vocabulary {vocab}")
+    tok = text.with_image_codes(tokenizer_info(load_image_tokenizer(args.image_tokenizer)).codebook_size)
+    run_args = {**meta.get("args", {}), "vocab_file": vocab, "image_tokenizer": args.image_tokenizer}
+    return grow_checkpoint(args.load, args.output, padded_vocab_size(tok.vocab_size), text.text_vocab_size,
+                           args.max_position_embeddings, seed=run_args.get("seed", 0),
+                           meta={"vocab_sha256": tok.digest, "args": run_args})
 
 
 def training_vocab(load_dir: str) -> str | None:
@@ -93,11 +123,14 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "from-release":
             path = release_to_checkpoint(args.input, args.output)
             print(f"wrote {path}: train from it with --load {args.output}")
+        elif args.command == "grow":
+            path = grow_for_image_codes(args)
+            print(f"wrote {path}: fine-tune text_to_image from it with --pretrained-checkpoint {args.output}")
         else:
             cfg, seed = resnet_model_config(args.model_flags)
             path = resnet_to_checkpoint(args.input, cfg, seed, args.output)
             print(f"wrote {path}: train from it with --load {args.output} and the same model flags")
-    except (CheckpointError, ConversionError, ConfigError, OSError) as e:
+    except (CheckpointError, ConversionError, ConfigError, ImageTokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
