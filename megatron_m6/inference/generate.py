@@ -126,18 +126,20 @@ class Sequences:
     reference the cache must match). `reorder` follows beam search's choice of beams."""
 
     def __init__(self, model: M6, prefix_tokens: torch.Tensor, images: torch.Tensor | None,
-                 has_image: torch.Tensor | None, max_len: int, use_cache: bool):
+                 has_image: torch.Tensor | None, max_len: int, use_cache: bool, prefix_len: int | None = None):
+        """`prefix_len`: the prompt's bidirectional part, all of it by default; text-to-image's
+        prompt ends with [BOI], which training read causally, as the first token of the target."""
         B, plen = prefix_tokens.shape
         device = prefix_tokens.device
         dtype = model.embedding.word_emb.weight.dtype  # the activations' dtype (bf16 when loaded so)
         self.model, self.length = model, plen
-        self.prefix_len = torch.full((B,), plen, dtype=torch.long, device=device)
+        self.prefix_len = torch.full((B,), plen if prefix_len is None else prefix_len, dtype=torch.long, device=device)
         self.has_image = torch.zeros(B, dtype=torch.bool, device=device) if has_image is None else has_image
         self.images = None if images is None else images.to(dtype)
         self.cache = KVCache(model.cfg, B, max_len, device, dtype) if use_cache else None
         self.tokens = prefix_tokens
-        logits, _ = model(prefix_tokens, self.prefix_len, self.prefix_len, self.images, self.has_image,
-                          self.cache, 0)
+        logits, _ = model(prefix_tokens, self.prefix_len, torch.full_like(self.prefix_len, plen), self.images,
+                          self.has_image, self.cache, 0)
         self.logits = logits[:, -1]
         if use_cache:  # the cache holds the prompt now: images and tokens are needed no more
             self.images = self.tokens = None
