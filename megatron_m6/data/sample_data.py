@@ -5,7 +5,8 @@ Images are a few identical coloured shapes drawn in one cell of a 3x3 grid, capt
 original Chinese sentences on everyday topics plus templated sentences using the same words.
 make_downstream_data writes fine-tuning sets from the same world (captioning, VQA, image-text
 matching and retrieval, whose texts are worded unlike the captions, reading comprehension) on
-images of their own. Everything is deterministic from a seed.
+images of their own; make_text_to_image_data a text-to-image set whose test captions name scenes
+held out of its training captions. Everything is deterministic from a seed.
 """
 
 from __future__ import annotations
@@ -450,9 +451,7 @@ def make_downstream_data(out_dir: str, seed: int = 0, image_size: int = 96,
     if vocab_file is not None:
         check_vocab_covers_downstream(vocab_file)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    manifest = os.path.join(out_dir, MANIFEST)
-    if os.path.exists(manifest):
-        os.remove(manifest)  # a rewrite is incomplete until its own manifest exists
+    manifest = _remove_manifest(out_dir, MANIFEST)
     files = {}
     for task, sizes in (("caption", caption_images), ("vqa", vqa_images), ("itm", itm_images)):
         for split, n in zip(SPLITS, sizes):
@@ -460,12 +459,89 @@ def make_downstream_data(out_dir: str, seed: int = 0, image_size: int = 96,
     files["retrieval_test.jsonl"] = _retrieval(out_dir, retrieval_images, image_size, seed)
     for split, rows in zip(SPLITS, _text_generation(text_generation_rows, seed)):
         files[f"text_generation_{split}.jsonl"] = rows
-    for name, rows in files.items():
-        _write_jsonl(os.path.join(out_dir, name), rows)
     images = sum(caption_images) + sum(vqa_images) + sum(itm_images) + retrieval_images
+    return _write_set(manifest, seed, image_size, images, files)
+
+
+def _remove_manifest(out_dir: str, name: str) -> str:
+    """out_dir/name, removed if present: a rewrite is incomplete until its own manifest exists."""
+    manifest = os.path.join(out_dir, name)
+    if os.path.exists(manifest):
+        os.remove(manifest)
+    return manifest
+
+
+def _write_set(manifest: str, seed: int, image_size: int, images: int, files: dict[str, list[dict]]) -> dict:
+    """Write every jsonl of files beside manifest, then manifest itself (their row counts), all atomically."""
+    for name, rows in files.items():
+        _write_jsonl(os.path.join(os.path.dirname(manifest), name), rows)
     summary = {"seed": seed, "image_size": image_size, "images": images,
                "rows": {name: len(rows) for name, rows in files.items()}}
     with open(_tmp_name(manifest), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=1)
     os.replace(_tmp_name(manifest), manifest)
     return summary
+
+
+# Text-to-image: the test set's captions name scenes that no training caption names, so generating
+# them right takes composing attribute values seen only in other scenes, not recalling a caption.
+TEXT_TO_IMAGE_MANIFEST = "text_to_image.json"
+
+
+def is_held_out(scene: Scene) -> bool:
+    """Whether scene is kept out of text-to-image training for its test set: one scene in six.
+
+    Fixing any two attributes, the other two still sum to at least 5 consecutive values (count
+    1-3 plus shape 0-2 is the narrowest), of which at most one is a multiple of 6: so every value
+    of every attribute, and every pair of values, appears in training.
+    """
+    colour, shape = list(COLOURS).index(scene.colour), SHAPES.index(scene.shape)
+    return (scene.cell + scene.count + colour + shape) % 6 == 0
+
+
+HELD_OUT_SCENES = [scene for scene in ALL_SCENES if is_held_out(scene)]
+TRAINING_SCENES = [scene for scene in ALL_SCENES if not is_held_out(scene)]
+
+
+def scene_from_row(row: dict) -> Scene:
+    """The scene a text_to_image_test.jsonl row asks for, to score a generated image against."""
+    return Scene(row["cell"], row["count"], row["colour"], row["shape"])
+
+
+def _draw_to(out_dir: str, image: str, rng: random.Random, scene: Scene, image_size: int) -> str:
+    """Render scene into out_dir/image and return image, the path a row names."""
+    _save_png(render_scene(rng, scene, image_size), os.path.join(out_dir, image))
+    return image
+
+
+def make_text_to_image_data(out_dir: str, seed: int = 0, image_size: int = 96, train_images: int = 2000,
+                            valid_images: int = 100) -> dict:
+    """Write the text-to-image set to out_dir and return its manifest.
+
+    Files (image paths relative to out_dir): text_to_image_{train,valid}.jsonl {"image", "caption"},
+    images of TRAINING_SCENES drawn at random, so valid measures fit; text_to_image_test.jsonl
+    {"caption", "image", "cell", "count", "colour", "shape"}, each of HELD_OUT_SCENES once with a
+    reference image, so test measures composition (score a generated image with scene_from_row and
+    scene_detector.score_attributes); images in images/text_to_image_{split}_NNNNN.png. Every file
+    is written under a temporary name and renamed, and the manifest text_to_image.json comes last.
+    """
+    if min(train_images, valid_images) < 0:
+        raise ValueError(f"train_images and valid_images must be >= 0, got {train_images} and {valid_images}")
+    _check_image_size(image_size)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    manifest = _remove_manifest(out_dir, TEXT_TO_IMAGE_MANIFEST)
+    files = {}
+    for split, n in (("train", train_images), ("valid", valid_images)):
+        rng, rows = _downstream_rng(seed, "text_to_image", split), []
+        for i in range(n):
+            scene = rng.choice(TRAINING_SCENES)
+            image = _draw_to(out_dir, f"images/text_to_image_{split}_{i:05d}.png", rng, scene, image_size)
+            rows.append({"image": image, "caption": scene.caption})
+        files[f"text_to_image_{split}.jsonl"] = rows
+    rng, rows = _downstream_rng(seed, "text_to_image", "test"), []
+    for i, scene in enumerate(HELD_OUT_SCENES):
+        image = _draw_to(out_dir, f"images/text_to_image_test_{i:05d}.png", rng, scene, image_size)
+        rows.append({"caption": scene.caption, "image": image, "cell": scene.cell, "count": scene.count,
+                     "colour": scene.colour, "shape": scene.shape})
+    files["text_to_image_test.jsonl"] = rows
+    return _write_set(manifest, seed, image_size, train_images + valid_images + len(HELD_OUT_SCENES), files)
