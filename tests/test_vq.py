@@ -193,3 +193,69 @@ def test_the_training_tool_reads_the_image_items_of_an_indexed_dataset(tmp_path)
     done = run_tool(["--data", prefix, "--train-iters", "2", *TINY])
     assert done.returncode == 0, done.stderr
     assert "10 images, 1 rank(s)" in done.stdout and "skipped images 0" in done.stdout
+
+
+@pytest.mark.parametrize("gan", [[], ["--adversarial-weight", "0.1", "--perceptual-weight", "1",
+                                      "--discriminator-start", "2"]], ids=["plain", "with discriminator"])
+def test_a_resumed_tokenizer_run_equals_an_uninterrupted_one(tmp_path, gan):
+    """6 steps at once, and 4 then a resume to 6 (restarts on, so the RNG state matters): the
+    weights, codebook, EMA statistics, optimizer state (and the discriminator's) are bit for bit
+    the same."""
+    rng = random.Random(1)
+    (tmp_path / "images").mkdir()
+    for i in range(10):
+        draw_scene(rng, 96)[0].save(tmp_path / "images" / f"{i}.png")
+    data = ["--data", str(tmp_path / "images"), *TINY, "--ema-decay", "0.5", *gan]  # codes die and restart
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    for args in (["--train-iters", "6", "--save", straight], ["--train-iters", "4", "--save", split],
+                 ["--train-iters", "6", "--save", split, "--load", split]):
+        done = run_tool(data + args)
+        assert done.returncode == 0, done.stderr
+    a, b = (torch.load(f"{d}/tokenizer.pt", weights_only=True) for d in (straight, split))
+    parts = ("model", "discriminator") if gan else ("model",)
+    assert ("discriminator" in a) == bool(gan) and ("adversarial" in done.stdout) == bool(gan)
+    for part in parts:
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    for opt in ("optimizer", "discriminator_optimizer") if gan else ("optimizer",):
+        flat = lambda s: [t for v in s[opt]["state"].values() for t in v.values()]  # noqa: E731, B023
+        assert len(flat(a)) and all(torch.equal(x, y) for x, y in zip(flat(a), flat(b)))
+    if gan:
+        refused = run_tool(data[:-6] + ["--train-iters", "8", "--save", split, "--load", split])
+        assert refused.returncode == 1 and "with the discriminator terms" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_the_discriminator_terms_are_the_hinge_gan_and_feature_matching():
+    """Against separate float64 forwards of the real and the reconstructed images."""
+    from megatron_m6.vision.vq import PatchDiscriminator, discriminator_loss, generator_terms
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(channels=8).double()
+    real = torch.rand(3, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    fake = (torch.rand(3, 3, 32, 32, dtype=torch.float64) * 2 - 1).requires_grad_()
+    (lr, fr), (lf, ff) = disc(real), disc(fake)
+    want_d = torch.clamp(1 - lr, min=0).mean() + torch.clamp(1 + lf, min=0).mean()
+    torch.testing.assert_close(discriminator_loss(disc, real, fake), want_d, rtol=1e-12, atol=0)
+    adversarial, perceptual = generator_terms(disc, real, fake)
+    torch.testing.assert_close(adversarial, -lf.mean(), rtol=1e-12, atol=0)
+    want_p = sum((a - b).abs().mean() for a, b in zip(ff, fr)) / len(ff)
+    torch.testing.assert_close(perceptual, want_p, rtol=1e-12, atol=0)
+    real.requires_grad_()
+    generator_terms(disc, real, fake)[1].backward()
+    assert real.grad is None or not real.grad.any()  # the input is the target, not moved
+    assert fake.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("image_size, downsample", [(40, 8), (48, 16), (56, 8)])
+def test_encode_and_decode_keep_odd_grids(image_size, downsample):
+    """Grids of 5, 3 and 7 codes a side: codes [B, g, g] and images back at the input's size."""
+    cfg = VQConfig(image_size=image_size, downsample=downsample, codebook_size=8, code_dim=8, channels=8)
+    model = VQVAE(cfg)
+    images = torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    model.train()
+    model(images)
+    codes = model.eval().encode(images)
+    g = image_size // downsample
+    assert g % 2 == 1 and codes.shape == (3, g, g) and cfg.grid == g
+    assert model.decode(codes).shape == images.shape

@@ -10,7 +10,15 @@ Under torchrun each rank takes its share of every batch (gloo on CPU, NCCL on GP
 is kept equal on every rank by the quantizer itself, and checked at each save. The log and
 TensorBoard get the losses, the codebook usage (distinct codes in the batch) and perplexity, and
 TensorBoard every --log-interval a grid of inputs over their reconstructions. --save writes
-SAVE/tokenizer.pt (weights, codebook, optimizer, iteration, config) atomically; --load resumes.
+SAVE/tokenizer.pt (weights, codebook, optimizer, iteration, config, RNG state) atomically; --load
+resumes exactly.
+
+The loss is the reconstruction's mean squared error plus the commitment term. For real images,
+where that alone gives blurry textures, --adversarial-weight and --perceptual-weight (both 0, off,
+by default) add a PatchGAN discriminator trained from scratch beside the tokenizer (hinge loss) and
+a feature-matching distance in its activations, which stands in for LPIPS: LPIPS needs VGG weights,
+and nothing here is downloaded. They start after --discriminator-start steps, once reconstructions
+are worth judging, as VQGAN does.
 """
 
 from __future__ import annotations
@@ -30,9 +38,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from megatron_m6.data.indexed import IMAGE_MODE, IndexedDataset, dataset_exists  # noqa: E402
 from megatron_m6.vision import VQ_PRESETS, VQVAE, VQConfig, codebook_usage, image_tensor  # noqa: E402
-from megatron_m6.vision.vq import TOKENIZER_FILE  # noqa: E402
+from megatron_m6.vision.vq import (  # noqa: E402
+    TOKENIZER_FILE,
+    PatchDiscriminator,
+    discriminator_loss,
+    generator_terms,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+GAN_TERMS = ("adversarial_loss", "perceptual_loss", "discriminator_loss")
 
 
 class ImageSource:
@@ -86,11 +100,16 @@ def batches(source: ImageSource, size: int, batch: int, rank: int, world: int, s
         step += 1
 
 
-def save(model: torch.nn.Module, opt: torch.optim.Optimizer, iteration: int, cfg: VQConfig, folder: str) -> None:
+def save(model: torch.nn.Module, opt: torch.optim.Optimizer, iteration: int, cfg: VQConfig, folder: str,
+         discriminator: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None) -> None:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, TOKENIZER_FILE)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": iteration,
-                "config": dataclasses.asdict(cfg)}, path + ".tmp")
+    # The RNG state too: dead-code restarts draw their rows from it, so a resume is exact.
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": iteration,
+             "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state()}
+    if discriminator is not None:
+        state["discriminator"], state["discriminator_optimizer"] = (x.state_dict() for x in discriminator)
+    torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -113,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codebook-size", type=int, help="override the preset's")
     p.add_argument("--channels", type=int, help="override the preset's first-stage width")
     p.add_argument("--code-dim", type=int, help="override the preset's")
+    p.add_argument("--downsample", type=int, help="override the preset's (codes per side = image size / this)")
+    p.add_argument("--ema-decay", type=float, help="override the preset's (lower: faster codebook, earlier restarts)")
     p.add_argument("--train-iters", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=32, help="global, split over the ranks")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -122,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-interval", type=int, default=500)
     p.add_argument("--load", help="resume from this folder's tokenizer.pt")
     p.add_argument("--tensorboard-dir")
+    p.add_argument("--adversarial-weight", type=float, default=0.0,
+                   help="weight of the PatchGAN generator loss (0: off; real images: about 0.1)")
+    p.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="weight of the discriminator feature-matching distance, LPIPS's stand-in (0: off)")
+    p.add_argument("--discriminator-start", type=int, default=0, help="steps before the two terms begin")
     return p
 
 
@@ -132,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     if world > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
-        overrides = {k: v for k, v in (("image_size", a.image_size), ("codebook_size", a.codebook_size),
-                                       ("channels", a.channels), ("code_dim", a.code_dim)) if v is not None}
+        overrides = {k: getattr(a, k) for k in ("image_size", "codebook_size", "channels", "code_dim", "downsample",
+                                                "ema_decay") if getattr(a, k) is not None}
         cfg = dataclasses.replace(VQ_PRESETS[a.preset], **overrides)
+        cfg.validate()
         if a.batch_size % world:
             raise ValueError(f"--batch-size {a.batch_size} does not split over {world} ranks")
         source = ImageSource(a.data)
@@ -152,15 +179,28 @@ def train(a: argparse.Namespace, cfg: VQConfig, source: ImageSource, rank: int, 
     random.seed(a.seed)
     model = VQVAE(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    gan = None  # (discriminator, its optimizer) with the adversarial or perceptual term
+    if a.adversarial_weight or a.perceptual_weight:
+        disc = PatchDiscriminator().to(device)
+        gan = disc, torch.optim.Adam(disc.parameters(), lr=a.lr, betas=(0.5, 0.9))
     start = 0
     if a.load:
         state = torch.load(os.path.join(a.load, TOKENIZER_FILE), map_location=device, weights_only=True)
         if state["config"] != dataclasses.asdict(cfg):
             raise ValueError(f"{a.load} holds a tokenizer of another configuration: {state['config']}")
+        if (gan is None) != ("discriminator" not in state):
+            raise ValueError(f"{a.load} was trained {'with' if gan is None else 'without'} the discriminator "
+                             "terms: resume it with the same --adversarial-weight/--perceptual-weight")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if gan is not None:
+            gan[0].load_state_dict(state["discriminator"])
+            gan[1].load_state_dict(state["discriminator_optimizer"])
+        torch.set_rng_state(state["rng"].cpu())
         start = state["iteration"]
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m, broadcast_buffers=False) if world > 1 else m  # noqa: E731
+    ddp = wrap(model)
+    ddp_disc = wrap(gan[0]) if gan is not None else None
     writer = None
     if a.tensorboard_dir and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -175,20 +215,32 @@ def train(a: argparse.Namespace, cfg: VQConfig, source: ImageSource, rank: int, 
     for iteration in range(start + 1, a.train_iters + 1):
         images = next(data).to(device)
         out = ddp(images)
+        loss, judged = out["loss"], gan is not None and iteration > a.discriminator_start
+        if judged:
+            out["adversarial_loss"], out["perceptual_loss"] = generator_terms(ddp_disc, images, out["recon"])
+            loss = loss + a.adversarial_weight * out["adversarial_loss"] + a.perceptual_weight * out["perceptual_loss"]
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        loss.backward()
         opt.step()
+        if judged:
+            out["discriminator_loss"] = discriminator_loss(ddp_disc, images, out["recon"])
+            gan[1].zero_grad(set_to_none=True)
+            out["discriminator_loss"].backward()
+            gan[1].step()
         if iteration % a.log_interval == 0 or iteration == a.train_iters:
             used, perplexity = codebook_usage(out["codes"], cfg.codebook_size)
             if rank == 0:
                 rate = (iteration - start) * a.batch_size / (time.perf_counter() - t0)
+                gan_terms = "".join(f" | {name.removesuffix('_loss')} {out[name].item():.4f}" for name in GAN_TERMS
+                                    if name in out)
                 print(f"iteration {iteration:6d}/{a.train_iters} | loss {out['loss'].item():.4f} | reconstruction "
-                      f"{out['reconstruction_loss'].item():.4f} | commitment {out['commitment_loss'].item():.4f} | "
-                      f"codes used {used}/{cfg.codebook_size} | perplexity {perplexity:.1f} | "
+                      f"{out['reconstruction_loss'].item():.4f} | commitment {out['commitment_loss'].item():.4f}"
+                      f"{gan_terms} | codes used {used}/{cfg.codebook_size} | perplexity {perplexity:.1f} | "
                       f"{rate:.1f} images/s | skipped images {skipped[0]}", flush=True)
             if writer:
-                for name in ("loss", "reconstruction_loss", "commitment_loss"):
-                    writer.add_scalar(f"vq/{name}", out[name].item(), iteration)
+                for name in ("loss", "reconstruction_loss", "commitment_loss", *GAN_TERMS):
+                    if name in out:
+                        writer.add_scalar(f"vq/{name}", out[name].item(), iteration)
                 writer.add_scalar("vq/codes_used", used, iteration)
                 writer.add_scalar("vq/perplexity", perplexity, iteration)
                 grid = torch.cat([images[:8], out["recon"][:8].detach().clamp(-1, 1)])
@@ -196,7 +248,7 @@ def train(a: argparse.Namespace, cfg: VQConfig, source: ImageSource, rank: int, 
         if a.save and (iteration % a.save_interval == 0 or iteration == a.train_iters):
             _check_same_codebook(model)
             if rank == 0:
-                save(model, opt, iteration, cfg, a.save)
+                save(model, opt, iteration, cfg, a.save, gan)
     if writer:
         writer.close()
 
