@@ -11,6 +11,9 @@ on a whole model of its own (data parallel) and rank 0 gathers and writes the re
     itm              accuracy (the matched text outscores its image's distractors); with
                      --retrieval-data, image->text and text->image recall@1/5/10
     text_generation  BLEU (sacreBLEU, zh), ROUGE-L and perplexity of the references
+    text_to_image    attribute accuracy with and without reranking, the tokenizer's ceiling, FID
+                     (megatron_m6/evaluate_text_to_image.py); --output-dir also gets index.html
+                     and grid.png of every prompt's candidates
 """
 
 from __future__ import annotations
@@ -233,8 +236,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-only", action="store_true", help="drop the images (the text-only baseline)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: weights in bf16 (GPU)")
+    g = p.add_argument_group("text_to_image")
+    g.add_argument("--image-tokenizer", help="the image tokenizer (default: the one --load was trained with)")
+    g.add_argument("--num-samples", type=int, default=8, help="candidates per prompt")
+    g.add_argument("--rerank-load", help="the captioner that reranks and gives FID's features (default: --load)")
     add_decoding_flags(p)
     return p
+
+
+def text_to_image_main(a: argparse.Namespace, sampling: SamplingConfig, device: torch.device) -> None:
+    """evaluate --task text_to_image on one process: metrics printed, and with --output-dir
+    metrics.json, predictions.jsonl, index.html, grid.png and every candidate's PNG."""
+    from megatron_m6.evaluate_text_to_image import evaluate_text_to_image, read_prompts, write_samples
+    from megatron_m6.inference.generate import load_model
+    from megatron_m6.pretrain import padded_vocab_size
+    from megatron_m6.vision import ImageTokenizerError, load_image_tokenizer
+
+    dtype = torch.bfloat16 if a.dtype == "bf16" else None
+    try:
+        if a.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {a.num_samples}")
+        args = {} if is_release(a.load) else latest_checkpoint(a.load)[1].get("args", {})
+        path = a.image_tokenizer or args.get("image_tokenizer")
+        if not path:
+            raise ValueError(f"{a.load} records no image tokenizer: give --image-tokenizer")
+        image_tokenizer = load_image_tokenizer(path, device)
+        tok = M6Tokenizer.from_vocab_file(a.vocab_file or args.get("vocab_file") or DEFAULT_VOCAB_FILE)
+        tok = tok.with_image_codes(image_tokenizer.cfg.codebook_size)
+        model = load_model(a.load, device, dtype)
+        if padded_vocab_size(tok.vocab_size) != model.cfg.vocab_size:
+            raise ValueError(f"{a.load} has {model.cfg.vocab_size} vocabulary rows, not those of the text vocabulary "
+                             f"and {image_tokenizer.cfg.codebook_size} image codes")
+        reranker = load_model(a.rerank_load, device, dtype) if a.rerank_load else model
+        sampling.greedy = a.greedy  # text-to-image samples unless --greedy asks for the argmax
+        rows = read_prompts(a.data)
+        result, records, results = evaluate_text_to_image(model, tok, image_tokenizer, rows, sampling,
+                                                          a.num_samples, reranker, a.batch_size)
+    except (DownstreamDataError, CheckpointError, ImageTokenizerError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    result = {"task": "text_to_image", **result}
+    if a.output_dir:
+        write_results(a.output_dir, result, records)
+        write_samples(a.output_dir, result, records, results)
+    print(json.dumps(result, ensure_ascii=False))
 
 
 def write_results(output_dir: str, result: dict, records: list[dict]) -> None:
@@ -254,6 +299,10 @@ def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     a = p.parse_args(argv)
     sampling = sampling_config_from_args(p, a)
+    if a.task == "text_to_image":
+        if a.num_beams > 1:
+            p.error("text_to_image samples: beam search (--num-beams) is not offered")
+        return text_to_image_main(a, sampling, torch.device(a.device))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("nccl" if a.device == "cuda" else "gloo")

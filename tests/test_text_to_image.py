@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from megatron_m6.config import ConfigError, parse_args
 from megatron_m6.data.dataset import collate
@@ -216,8 +217,9 @@ def test_the_reranker_keeps_the_candidate_whose_caption_likelihood_is_highest(wo
         ids = [tok.img_id] * n_img + [tok.cls_id, tok.sep_id] + text + [tok.eos_id]
         plen = n_img + 2
         pixels = decode_image(png_bytes(image), model.cfg.image_size)[None].double()
-        logits, _ = model(torch.tensor([ids]), torch.tensor([plen]), torch.tensor([len(ids)]), pixels,
-                          torch.tensor([True]))
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids]), torch.tensor([plen]), torch.tensor([len(ids)]), pixels,
+                              torch.tensor([True]))
         logp = F.log_softmax(logits[0, plen - 1:-1].double(), -1)
         scores.append(float(logp.gather(1, torch.tensor(ids[plen:])[:, None]).mean()))
     np.testing.assert_allclose(result.scores, scores, rtol=1e-9)
@@ -265,3 +267,76 @@ def test_generate_py_writes_every_candidate_and_the_reranked_pick(work, tmp_path
         assert r["best"] == r["files"][int(np.argmax(r["scores"]))]
         for name in r["files"] + [f"{n:03d}_best.png"]:
             assert (out / name).is_file()
+
+
+def test_the_evaluation_against_independent_computations(work, tmp_path):
+    """Reference drawings score 100% on every attribute; PSNR, codebook usage and FID equal a direct
+    computation (FID: the Fréchet distance of the feature network's outputs in float64); the
+    sample page and grid hold every prompt and candidate."""
+    import random
+
+    from megatron_m6.data.sample_data import HELD_OUT_SCENES, render_scene
+    from megatron_m6.evaluate_text_to_image import (
+        EncoderFeatures,
+        evaluate_text_to_image,
+        fid,
+        read_prompts,
+        write_samples,
+    )
+    from megatron_m6.vision.pixels import image_tensor
+
+    rng, rows = random.Random(0), []
+    for i, scene in enumerate(HELD_OUT_SCENES[:5]):
+        render_scene(rng, scene, 96).save(tmp_path / f"ref{i}.png")
+        rows.append({"caption": scene.caption, "image": f"ref{i}.png", "cell": scene.cell, "count": scene.count,
+                     "colour": scene.colour, "shape": scene.shape})
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                         encoding="utf-8")
+    model = load_model(work["grown"])
+    tok = M6Tokenizer.from_vocab_file(work["vocab"]).with_image_codes(VQ.codebook_size)
+    vq = load_image_tokenizer(work["vq"])
+    prompts = read_prompts(str(tmp_path / "test.jsonl"))
+    metrics, records, results = evaluate_text_to_image(model, tok, vq, prompts, SamplingConfig(greedy=False), 3,
+                                                       model)
+    assert all(metrics[f"reference_{a}"] == 1.0 for a in ("colour", "shape", "count", "position", "all"))
+    pixels = torch.stack([image_tensor(p["image_bytes"], VQ.image_size) for p in prompts])
+    codes = vq.encode(pixels)
+    want = ((pixels.clamp(-1, 1) + 1) * 127.5).round().double()
+    got = ((vq.decode(codes).clamp(-1, 1) + 1) * 127.5).round().double()
+    mse = ((want - got) ** 2).mean(dim=(1, 2, 3))
+    assert metrics["reconstruction_psnr"] == pytest.approx(float((10 * torch.log10(255**2 / mse)).mean()), rel=1e-9)
+    assert metrics["codes_used"] == len(torch.unique(codes))
+    assert [r["best"] for r in records] == [int(np.argmax(r["scores"])) for r in records]
+    assert all(len(r["verdicts"]) == 3 for r in records)
+
+    features = EncoderFeatures(model)
+    real = [Image.open(tmp_path / f"ref{i}.png").convert("RGB") for i in range(5)]
+    fake = results[0].images + results[1].images
+    unit = lambda images: torch.stack([torch.from_numpy(np.asarray(i, np.float64) / 255).permute(2, 0, 1)  # noqa: E731
+                                       for i in images])
+    a, b = features(unit(real)).double(), features(unit(fake)).double()
+    s1, s2 = torch.cov(a.T), torch.cov(b.T)
+    root = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()
+    frechet = float(((a.mean(0) - b.mean(0)) ** 2).sum() + s1.trace() + s2.trace() - 2 * root)
+    assert fid(features, real, fake) == pytest.approx(frechet, rel=1e-3, abs=1e-3)
+    assert fid(features, real, real) == pytest.approx(0.0, abs=1e-3)
+
+    write_samples(str(tmp_path / "samples"), metrics, records, results)
+    page = (tmp_path / "samples" / "index.html").read_text(encoding="utf-8")
+    assert all(r["caption"] in page for r in rows) and page.count("<img ") == 5 * 3
+    size = results[0].images[0].size[0]
+    assert Image.open(tmp_path / "samples" / "grid.png").size == (3 * (size + 4), 5 * (size + 4))
+
+
+def test_bf16_generation_draws_codes_and_reranks(work):
+    """The GPU's production dtype, here on the CPU: weights in bf16 (norms fp32), the image
+    tokenizer in fp32; every candidate is an image of codes and the pick is its best score."""
+    model = load_model(work["grown"], dtype=torch.bfloat16)
+    tok = M6Tokenizer.from_vocab_file(work["vocab"]).with_image_codes(VQ.codebook_size)
+    vq = load_image_tokenizer(work["vq"])
+    results = generate_images(model, tok, vq, ["左上角有两个红色的圆形", "右侧"], 3,
+                              SamplingConfig(greedy=False, top_k=8, top_p=0.9), batch_size=4, reranker=model)
+    for r in results:
+        assert r.codes.shape == (3, VQ.grid, VQ.grid) and 0 <= r.codes.min() and r.codes.max() < VQ.codebook_size
+        assert len(r.images) == 3 and r.images[0].size == (VQ.image_size, VQ.image_size)
+        assert np.isfinite(r.scores).all() and r.best == int(np.argmax(r.scores))
