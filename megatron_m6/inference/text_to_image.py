@@ -98,7 +98,7 @@ def generate_images(model: M6, tok: M6Tokenizer, image_tokenizer: VQVAE, caption
     with a `reranker` (M6 as captioner: the same model, or another checkpoint) scored and picked."""
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
-    if not cfg.greedy and cfg.num_beams > 1:
+    if cfg.num_beams > 1:
         raise ValueError("text-to-image samples; beam search is not offered")
     grid, device = image_tokenizer.cfg.grid, model_device(model)
     if tok.image_codes is None or tok.image_codes.codebook_size != image_tokenizer.cfg.codebook_size:
