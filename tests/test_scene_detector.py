@@ -7,7 +7,14 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from megatron_m6.data.images import JPEG_QUALITY, resize_and_crop
-from megatron_m6.data.sample_data import ALL_SCENES, COLOURS, Scene, cell_box, render_scene
+from megatron_m6.data.sample_data import (
+    ALL_SCENES,
+    COLOURS,
+    Scene,
+    cell_box,
+    render_scene,
+    render_slotted_scene,
+)
 from megatron_m6.data.scene_detector import detect_scene, score_attributes
 
 SIZE = 96
@@ -32,39 +39,45 @@ def with_specks(img, rng, n=5):
     return Image.fromarray(pixels)
 
 
-def misread(images_of_scene, seeds):
-    """(seed, scene, what was read) for every image that is not read as its scene."""
+RENDERERS = pytest.mark.parametrize("render", [render_scene, render_slotted_scene])
+
+
+def misread(images_of_scene, seeds, render):
+    """(seed, scene, what was read) for every image render draws that is not read as its scene."""
     wrong = []
     for seed in seeds:
         rng = random.Random(f"detector:{seed}")
         for scene in ALL_SCENES:
-            for img in images_of_scene(render_scene(rng, scene, SIZE), rng):
+            for img in images_of_scene(render(rng, scene, SIZE), rng):
                 got = detect_scene(img)
                 if not score_attributes(got, scene)["all"]:
                     wrong.append((seed, scene, got))
     return wrong
 
 
-def test_reads_every_scene_as_png_and_after_jpeg():
-    wrong = misread(lambda img, rng: (img, jpeg_round_trip(img)), seeds=range(3))
+@RENDERERS
+def test_reads_every_scene_as_png_and_after_jpeg(render):
+    wrong = misread(lambda img, rng: (img, jpeg_round_trip(img)), seeds=range(3), render=render)
     assert not wrong, f"{len(wrong)} of {2 * 3 * len(ALL_SCENES)} images misread, e.g. {wrong[:3]}"
 
 
-def test_reads_blurred_images_with_specks():
+@RENDERERS
+def test_reads_blurred_images_with_specks(render):
     """A VQ-VAE decoder's output is soft-edged and speckled; radius 1 blurs a 2 px gap between
     shapes to about 40% of their ink, so shapes the rules keep apart stay apart."""
     def blurred(img, rng):
         soft = img.filter(ImageFilter.GaussianBlur(1))
         return soft, with_specks(soft, rng)
-    wrong = misread(blurred, seeds=range(2))
+    wrong = misread(blurred, seeds=range(2), render=render)
     assert not wrong, f"{len(wrong)} of {2 * 2 * len(ALL_SCENES)} images misread, e.g. {wrong[:3]}"
 
 
-def test_reads_other_sizes_and_arrays():
+@RENDERERS
+def test_reads_other_sizes_and_arrays(render):
     """Preprocessing stores images at the model's resolution (resize_and_crop); they are read at 96 px."""
     rng = random.Random("detector:sizes")
     for scene in ALL_SCENES:
-        img = render_scene(rng, scene, SIZE)
+        img = render(rng, scene, SIZE)
         assert detect_scene(resize_and_crop(img, 224)) == scene
         assert detect_scene(np.asarray(img)) == scene
 
@@ -110,3 +123,26 @@ def draw(shapes):
 ])
 def test_shapes_that_disagree_give_the_majority(shapes, expected):
     assert detect_scene(draw(shapes)) == expected
+
+
+def ink(img):
+    return (255 - np.asarray(img, dtype=np.int16)).max(axis=-1) > 0
+
+
+def test_slotted_scenes_are_shapes_drawn_by_hand_in_the_cells_quarters():
+    """render_slotted_scene puts each shape where draw() above puts it by hand, 12 px in one of the
+    cell's quarters: at 96 px every shape covers the same 2 x 2 codes of an f8 tokenizer."""
+    rng, slots_used = random.Random("slots"), set()
+    for scene in ALL_SCENES:
+        img = render_slotted_scene(rng, scene, SIZE)
+        x0, y0, x1, y1 = cell_box(scene.cell, SIZE)
+        drawn = ink(img)
+        assert not drawn[:y0].any() and not drawn[y1:].any() and not drawn[:, :x0].any() and not drawn[:, x1:].any()
+        slots = [slot for slot in range(4) if drawn[y0 + 16 * (slot // 2):, x0 + 16 * (slot % 2):]
+                 [:16, :16].any()]
+        assert len(slots) == scene.count, scene
+        assert np.array_equal(drawn, ink(draw([(scene.cell, slot, "红色", scene.shape) for slot in slots]))), scene
+        colours = np.unique(np.asarray(img)[drawn], axis=0)
+        assert len(colours) == 1 and np.abs(colours[0] - COLOURS[scene.colour]).max() <= 20, scene
+        slots_used.add((scene.count, tuple(slots)))
+    assert len(slots_used) > 9, "the slots are not chosen at random"

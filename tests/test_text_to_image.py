@@ -275,7 +275,7 @@ def test_the_evaluation_against_independent_computations(work, tmp_path):
     sample page and grid hold every prompt and candidate."""
     import random
 
-    from megatron_m6.data.sample_data import HELD_OUT_SCENES, render_scene
+    from megatron_m6.data.sample_data import HELD_OUT_SCENES, render_slotted_scene
     from megatron_m6.evaluate_text_to_image import (
         EncoderFeatures,
         evaluate_text_to_image,
@@ -287,7 +287,7 @@ def test_the_evaluation_against_independent_computations(work, tmp_path):
 
     rng, rows = random.Random(0), []
     for i, scene in enumerate(HELD_OUT_SCENES[:5]):
-        render_scene(rng, scene, 96).save(tmp_path / f"ref{i}.png")
+        render_slotted_scene(rng, scene, 96).save(tmp_path / f"ref{i}.png")
         rows.append({"caption": scene.caption, "image": f"ref{i}.png", "cell": scene.cell, "count": scene.count,
                      "colour": scene.colour, "shape": scene.shape})
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),

@@ -100,7 +100,7 @@ def test_deterministic_atomic_and_manifest_last(tmp_path, monkeypatch):
 
     def fail(*args):
         raise RuntimeError("simulated failure")
-    monkeypatch.setattr(sample_data, "render_scene", fail)
+    monkeypatch.setattr(sample_data, "render_slotted_scene", fail)
     with pytest.raises(RuntimeError, match="simulated"):
         make_text_to_image_data(str(tmp_path / "a"), 0, 48, train_images=4, valid_images=2)
     assert not (tmp_path / "a" / TEXT_TO_IMAGE_MANIFEST).exists(), "an incomplete rewrite kept the old manifest"

@@ -1,7 +1,8 @@
 """Read a sample-data scene back from pixels, to score text-to-image generation automatically.
 
-The sample data's drawing rules (sample_data.render_scene) make a scene easy to read: 1-3 identical
-solid shapes of one named colour on white, inside one grid cell, at least 2 px apart. A generated
+The sample data's drawing rules (sample_data.render_scene and render_slotted_scene) make a scene
+easy to read: 1-3 identical solid shapes of one named colour on white, inside one grid cell, at
+least 2 px apart. A generated
 image comes out of a VQ-VAE decoder blurred, with soft edges, slightly shifted colours and stray
 specks, so each reading here is one that blur leaves alone: a shape's pixels are those darker than
 half its ink (where a blurred edge crosses the drawn one), specks are opened away, a triangle is
