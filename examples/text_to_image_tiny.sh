@@ -21,9 +21,11 @@ VQ=${VQ:-checkpoints/vq_sample}
 SAVE=${SAVE:-checkpoints/m6_tiny_t2i}
 SAMPLES=${SAMPLES:-samples}
 VQ_ITERS=${VQ_ITERS:-1000}
+DOWNSAMPLE=${DOWNSAMPLE:-8}  # 96 px images, 12x12 codes: 2x2 codes per quarter of a grid cell, one shape
 T2I_ITERS=${T2I_ITERS:-1000}
 NUM_SAMPLES=${NUM_SAMPLES:-8}
-TOP_K=${TOP_K:-16}
+TOP_K=${TOP_K:-0}  # 0: no top-k cut
+TOP_P=${TOP_P:-0.9}  # the nucleus: a background code's stray alternatives are never drawn
 SEQ=${SEQ:-160}  # [CLS], a caption of up to 11 tokens, [SEP], [BOI], 12x12 codes, [EOI]
 DOWN="$DATA/downstream"
 start=$(date +%s)
@@ -47,7 +49,7 @@ done
 echo "== training the image tokenizer for $VQ_ITERS iterations"
 rm -rf "$VQ"
 $PYTHON tools/train_image_tokenizer.py --data "$WORK/train_caption_image" --preset vq-sample \
-  --train-iters "$VQ_ITERS" --batch-size 16 --lr 2e-3 --log-interval 200 --save "$VQ" --tensorboard-dir runs/vq_sample
+  --downsample "$DOWNSAMPLE" --train-iters "$VQ_ITERS" --batch-size 16 --lr 2e-3 --log-interval 200 --save "$VQ" --tensorboard-dir runs/vq_sample
 
 echo "== the pairs as [caption, image codes]"
 for split in train valid; do
@@ -70,7 +72,7 @@ $PYTHON -m megatron_m6.finetune --task text_to_image --preset m6-tiny --vocab-fi
 echo "== drawing every held-out caption $NUM_SAMPLES times, reranked by the pretrained captioner"
 rm -rf "$SAMPLES"
 $PYTHON -m megatron_m6.evaluate --task text_to_image --load "$SAVE" --data "$DOWN/text_to_image_test.jsonl" \
-  --num-samples "$NUM_SAMPLES" --top-k "$TOP_K" --rerank-load "$PRETRAINED" --batch-size 64 \
+  --num-samples "$NUM_SAMPLES" --top-k "$TOP_K" --top-p "$TOP_P" --rerank-load "$PRETRAINED" --batch-size 64 \
   --output-dir "$SAMPLES" > /dev/null
 
 $PYTHON - "$SAMPLES/metrics.json" "$(( $(date +%s) - start ))" <<'EOF'

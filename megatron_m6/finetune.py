@@ -205,10 +205,16 @@ def build(cfg: RunConfig, log=print) -> tuple[FinetuneTrainer, DataLoader]:
 
 
 def check_text_to_image(cfg: RunConfig, max_positions: int) -> None:
-    """The image-code datasets were made by --image-tokenizer, and its grid fits the positions."""
+    """The image-code datasets were made by --image-tokenizer, its grid fits the positions, and the
+    sequence is all of them: an image ends at the last position in training as in generation
+    (downstream.text_to_image_prefix), so each code keeps its position."""
     info = tokenizer_info(load_image_tokenizer(cfg.image_tokenizer))
     for path in filter(None, (cfg.train_data, cfg.valid_data)):
         check_code_dataset(path, info)
+    if cfg.seq_length != max_positions:
+        raise ConfigError(f"text_to_image needs --seq-length equal to --max-position-embeddings (the image ends at "
+                          f"the last position, in training as in generation); got {cfg.seq_length} and "
+                          f"{max_positions}")
     need = 5 + info.grid**2  # [CLS], a caption token, [SEP], [BOI], the codes, [EOI]
     if need > min(cfg.seq_length, max_positions):
         raise ConfigError(f"an image of {info.grid}x{info.grid} codes and its caption need at least {need} positions; "

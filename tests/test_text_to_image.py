@@ -154,10 +154,15 @@ def test_the_loss_covers_the_codes_alone(work):
         samples.append({"tokens": torch.tensor(tokens), "prefix_len": prefix_len, "task_id": 0, "image": None,
                         "loss_span": span})
     batch = collate(samples, 48, tok.pad_id, 64)
+    assert len({len(tok.encode(e.source)) for e in examples}) > 1, "captions of one length test no padding"
     for b, e in enumerate(examples):
         caption = tok.encode(e.source)
         want_labels = e.target_ids  # the codes' tokens, in raster order
-        first = 1 + len(caption) + 1 + 1  # [CLS] caption [SEP] [BOI]
+        first = 48 - VQ.grid**2 - 1  # the codes, then [EOI], end the 48 positions, whatever the caption
+        pads = [tok.pad_id] * (first - 3 - len(caption))
+        assert batch["tokens"][b].tolist() == ([tok.cls_id, *caption, tok.sep_id, *pads, tok.image_codes.boi_id,
+                                                *want_labels, tok.image_codes.eoi_id])
+        assert samples[b]["prefix_len"] == first - 1, "the [PAD]s belong to the bidirectional caption"
         masked = batch["loss_mask"][b].nonzero().flatten()
         assert masked.tolist() == list(range(first - 1, first - 1 + VQ.grid**2))
         assert batch["labels"][b, masked].tolist() == want_labels
@@ -243,6 +248,10 @@ def test_bad_text_to_image_input_is_one_error(work, tmp_path):
         build(parse_args(argv, entry="finetune"), log=QUIET)
     with pytest.raises(ConfigError, match="needs --image-tokenizer"):
         parse_args([a for a in t2i_args(work) if a not in ("--image-tokenizer", work["vq"])], entry="finetune")
+    short = t2i_args(work)
+    short[short.index("--seq-length") + 1] = "40"  # the image would not end at the last position
+    with pytest.raises(ConfigError, match="--seq-length equal to --max-position-embeddings"):
+        build(parse_args(short, entry="finetune"), log=QUIET)
     with pytest.raises(DownstreamDataError, match="image-code dataset"):
         open_examples(str(work["root"] / "train.jsonl"), "text_to_image", tok, 64)
     for argv, message in ((["--num-samples", "0"], "--num-samples must be >= 1"),

@@ -251,19 +251,32 @@ def layout(example: Example, tok, seq_length: int, num_image_tokens: int,
     return (prefix + target + [tok.eos_id], len(prefix)) if with_target else (prefix, len(prefix))
 
 
+def text_to_image_prefix(tok, source: Sequence[int], num_codes: int, length: int) -> list[int] | None:
+    """`[CLS] source [SEP]` and [PAD]s up to length - num_codes - 2 tokens, so that `[BOI] codes
+    [EOI]` fills the rest of length; None when source does not fit.
+
+    Every caption then puts [BOI] and each code at the same position, as DALL-E's fixed-length text
+    segment does: with learned absolute positions, a code's position is where it lies in the
+    image, whatever the caption's length. The [PAD]s are part of the bidirectional prefix."""
+    room = length - num_codes - 2 - (len(source) + 2)
+    if room < 0:
+        return None
+    return [tok.cls_id, *source, tok.sep_id] + [tok.pad_id] * room
+
+
 def text_to_image_layout(example: Example, tok, seq_length: int) -> tuple[list[int], int, tuple[int, int]]:
-    """(tokens, prefix_len, loss span) of `[CLS] caption [SEP] [BOI] codes [EOI]`: the caption is
-    the bidirectional prefix, the rest causal, and the loss covers the tokens in [first, end) of
-    the span, the codes. An image is never cut, and neither is its caption: one that does not fit
-    is an error."""
+    """(tokens, prefix_len, loss span) of `[CLS] caption [SEP] [PAD]... [BOI] codes [EOI]`, exactly
+    seq_length tokens (text_to_image_prefix): the caption is the bidirectional prefix, the rest
+    causal, and the loss covers the tokens in [first, end) of the span, the codes. An image is never
+    cut, and neither is its caption: one that does not fit is an error."""
     codes = tok.image_codes
     source = tok.encode(example.source) if example.source_ids is None else example.source_ids
-    prefix = [tok.cls_id] + list(source) + [tok.sep_id]
-    tokens = prefix + [codes.boi_id] + list(example.target_ids) + [codes.eoi_id]
-    if len(tokens) > seq_length:
+    prefix = text_to_image_prefix(tok, source, len(example.target_ids), seq_length)
+    if prefix is None:
         raise DownstreamDataError(f"a caption of {len(source)} tokens and {len(example.target_ids)} image codes "
-                                  f"need --seq-length {len(tokens)}, more than {seq_length} "
-                                  f"(example {example.line}: {example.source[:40]!r})")
+                                  f"need --seq-length {len(source) + len(example.target_ids) + 4}, more than "
+                                  f"{seq_length} (example {example.line}: {example.source[:40]!r})")
+    tokens = prefix + [codes.boi_id] + list(example.target_ids) + [codes.eoi_id]
     return tokens, len(prefix), (len(prefix) + 1, len(tokens) - 1)
 
 

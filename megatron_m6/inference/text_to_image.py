@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_m6.data.downstream import Example
+from megatron_m6.data.downstream import Example, text_to_image_prefix
 from megatron_m6.inference.generate import SamplingConfig, Sequences, model_device, sample_next
 from megatron_m6.model import M6
 from megatron_m6.tokenizer import M6Tokenizer
@@ -27,16 +27,18 @@ from megatron_m6.vision.pixels import tensor_to_image
 
 
 def prompt_tokens(tok: M6Tokenizer, caption: str, grid: int, max_positions: int) -> list[int]:
-    """`[CLS] caption [SEP] [BOI]`; a ValueError when it and grid x grid codes do not fit the
-    model's positions (a caption is never cut: a cut one would ask for another image)."""
+    """`[CLS] caption [SEP] [PAD]... [BOI]`, the training layout's start (text_to_image_prefix, the
+    image ending at the last position); a ValueError when the caption and grid x grid codes do not
+    fit the model's positions (a caption is never cut: a cut one would ask for another image)."""
     if tok.image_codes is None:
         raise ValueError("this tokenizer has no image codes (M6Tokenizer.with_image_codes)")
-    prompt = [tok.cls_id] + tok.encode(caption) + [tok.sep_id, tok.image_codes.boi_id]
-    if len(prompt) + grid * grid > max_positions:
-        raise ValueError(f"the prompt {caption[:30]!r} has {len(prompt) - 3} tokens; with {grid * grid} image codes "
-                         f"and 3 special tokens that exceeds the model's {max_positions} positions "
-                         f"(room for {max_positions - grid * grid - 3} caption tokens)")
-    return prompt
+    source = tok.encode(caption)
+    prefix = text_to_image_prefix(tok, source, grid * grid, max_positions)
+    if prefix is None:
+        raise ValueError(f"the prompt {caption[:30]!r} has {len(source)} tokens; with {grid * grid} image codes "
+                         f"and 4 special tokens that exceeds the model's {max_positions} positions "
+                         f"(room for {max_positions - grid * grid - 4} caption tokens)")
+    return prefix + [tok.image_codes.boi_id]
 
 
 @torch.no_grad()
