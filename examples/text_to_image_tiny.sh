@@ -21,12 +21,13 @@ VQ=${VQ:-checkpoints/vq_sample}
 SAVE=${SAVE:-checkpoints/m6_tiny_t2i}
 SAMPLES=${SAMPLES:-samples}
 VQ_ITERS=${VQ_ITERS:-1000}
+VQ_BATCH=${VQ_BATCH:-8}
 DOWNSAMPLE=${DOWNSAMPLE:-8}  # 96 px images, 12x12 codes: 2x2 codes per quarter of a grid cell, one shape
 T2I_ITERS=${T2I_ITERS:-1000}
 NUM_SAMPLES=${NUM_SAMPLES:-8}
 TOP_K=${TOP_K:-0}  # 0: no top-k cut
 TOP_P=${TOP_P:-0.9}  # the nucleus: a background code's stray alternatives are never drawn
-SEQ=${SEQ:-160}  # [CLS], a caption of up to 11 tokens, [SEP], [BOI], 12x12 codes, [EOI]
+SEQ=${SEQ:-160}  # [CLS], a caption of up to 12 tokens, [SEP], [PAD]s, [BOI], 12x12 codes, [EOI]
 DOWN="$DATA/downstream"
 start=$(date +%s)
 
@@ -49,7 +50,7 @@ done
 echo "== training the image tokenizer for $VQ_ITERS iterations"
 rm -rf "$VQ"
 $PYTHON tools/train_image_tokenizer.py --data "$WORK/train_caption_image" --preset vq-sample \
-  --downsample "$DOWNSAMPLE" --train-iters "$VQ_ITERS" --batch-size 16 --lr 2e-3 --log-interval 200 --save "$VQ" --tensorboard-dir runs/vq_sample
+  --downsample "$DOWNSAMPLE" --train-iters "$VQ_ITERS" --batch-size "$VQ_BATCH" --lr 2e-3 --log-interval 200 --save "$VQ" --tensorboard-dir runs/vq_sample
 
 echo "== the pairs as [caption, image codes]"
 for split in train valid; do

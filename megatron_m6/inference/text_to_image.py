@@ -1,4 +1,4 @@
-"""Text-to-image: M6 writes an image's codes after `[CLS] caption [SEP] [BOI]`, the image
+"""Text-to-image: M6 writes an image's codes after `[CLS] caption [SEP] [PAD]... [BOI]`, the image
 tokenizer's decoder turns them into pixels, and M6 itself, as a captioner, reranks the candidates.
 
 Sampling follows the recipe of CogView and OFA: top-k/top-p draws (never beam search, which
