@@ -402,7 +402,7 @@ def _retrieval(out_dir: str, n: int, image_size: int, seed: int) -> list[dict]:
     rng, rows = _downstream_rng(seed, "retrieval", "test"), []
     for i, scene in enumerate(rng.sample(ALL_SCENES, n)):
         image = f"images/retrieval_test_{i:05d}.png"
-        _save_png(render_slotted_scene(rng, scene, image_size), os.path.join(out_dir, image))
+        _save_png(render_scene(rng, scene, image_size), os.path.join(out_dir, image))
         rows.append({"image": image, "text": scene.describe(rng.choice(DESCRIPTION_TEMPLATES))})
     return rows
 
