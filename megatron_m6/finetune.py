@@ -216,7 +216,7 @@ def check_text_to_image(cfg: RunConfig, max_positions: int) -> None:
                           f"the last position, in training as in generation); got {cfg.seq_length} and "
                           f"{max_positions}")
     need = 5 + info.grid**2  # [CLS], a caption token, [SEP], [BOI], the codes, [EOI]
-    if need > min(cfg.seq_length, max_positions):
+    if need > cfg.seq_length:
         raise ConfigError(f"an image of {info.grid}x{info.grid} codes and its caption need at least {need} positions; "
                           f"--seq-length is {cfg.seq_length} and --max-position-embeddings {max_positions} "
                           "(grow a pretrained checkpoint's with tools/checkpoint/convert.py grow)")
